@@ -1,0 +1,479 @@
+"""Stochastic Gradient Langevin Dynamics as an optax gradient transformation."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sgld_optax._src import base
+from sgld_optax._src import metrics as metrics_lib
+from sgld_optax._src import noise as noise_lib
+from sgld_optax._src.metrics import Metrics
+from sgld_optax._src.sketch import CountSketch, SketchBuffer
+
+
+class SGLDState(NamedTuple):
+    """State of :func:`sgld`.
+
+    Attributes:
+      count: int32 scalar, the number of steps taken; schedules read it.
+      key: PRNG key (typed ``jax.random.key`` or legacy uint32 ``(2,)``),
+        split at every step. Replace it to start an independent chain:
+        ``state._replace(key=k)``.
+      initial_params: the parameters :math:`w_0` given to ``init``, with the
+        params' structure, shapes and dtypes; ``None`` where nothing needs
+        them (no localization, bounding box, metrics or sketches).
+      metrics: :class:`Metrics` of the last step (float32 scalars), or
+        ``None`` unless ``save_metrics=True``.
+      sketch: :class:`SketchBuffer` of the last step (float32
+        ``(sketch_dim,)`` arrays), or ``None`` unless sketching.
+    """
+
+    count: jax.Array
+    key: jax.Array
+    initial_params: Any
+    metrics: Optional[Metrics]
+    sketch: Optional[SketchBuffer]
+
+
+def default_nbeta(batch_size, gradient_accumulation_steps: int = 1) -> float:
+    """The default inverse temperature :math:`n\\beta = m / \\log m`.
+
+    :math:`m` is the number of samples behind one gradient, ``batch_size``
+    times ``gradient_accumulation_steps``. Where :math:`m \\le 1` the value is
+    undefined and 1 is returned with a warning.
+
+    Args:
+      batch_size: an int, or an object with an int ``batch_size`` attribute
+        (such as a ``torch.utils.data.DataLoader``).
+      gradient_accumulation_steps: number of batches accumulated per step.
+
+    Returns:
+      :math:`m / \\log m` as a Python float.
+
+    Raises:
+      TypeError: if ``batch_size`` is neither an int nor has ``batch_size``.
+
+    Example:
+      >>> import sgld_optax as so
+      >>> round(so.default_nbeta(64), 3)
+      15.389
+    """
+    size = getattr(batch_size, "batch_size", batch_size)
+    for name, value in (("batch_size", size),
+                        ("gradient_accumulation_steps",
+                         gradient_accumulation_steps)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(
+                f"{name} must be an int (or an object with an int batch_size "
+                f"attribute), got {value!r}.")
+    m = int(size) * int(gradient_accumulation_steps)
+    if m <= 1:
+        warnings.warn(
+            f"default_nbeta is undefined for batch_size * "
+            f"gradient_accumulation_steps = {m} <= 1; returning 1.",
+            UserWarning, stacklevel=2)
+        return 1.0
+    return m / math.log(m)
+
+
+def _as_key(key) -> jax.Array:
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    if isinstance(key, (jax.Array, np.ndarray)):
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            if key.shape != ():
+                raise ValueError(
+                    f"key must be a single PRNG key, got shape {key.shape}; "
+                    "for several chains vmap over state._replace(key=k).")
+            return key
+        if key.dtype == jnp.uint32 and key.shape == (2,):
+            return jnp.asarray(key)
+    raise TypeError(
+        "key must be an int seed or a JAX PRNG key (jax.random.key or "
+        f"jax.random.PRNGKey), got {key!r}.")
+
+
+def _is_python_zero(value) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool) and value == 0)
+
+
+def _check_mask(mask, params):
+    """Checks that ``mask`` has the structure and leaf shapes of ``params``."""
+    p_paths, p_def = jax.tree_util.tree_flatten_with_path(params)
+    try:
+        m_leaves = p_def.flatten_up_to(mask)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            "mask must have the structure of params: params is "
+            f"{p_def}, mask is {jax.tree_util.tree_structure(mask)}.") from err
+    problems = []
+    for (path, p), m in zip(p_paths, m_leaves):
+        shape = np.shape(m)
+        if shape != np.shape(p):
+            problems.append(f"{jax.tree_util.keystr(path) or '<root>'}: mask "
+                            f"shape {shape}, param shape {np.shape(p)}")
+    if problems:
+        raise ValueError("mask shapes do not match params:\n  "
+                         + "\n  ".join(problems))
+    return m_leaves
+
+
+def _value(hparam, count):
+    return hparam(count) if callable(hparam) else hparam
+
+
+def sgld(
+    learning_rate: base.ScalarOrSchedule,
+    *,
+    nbeta: base.ScalarOrSchedule = 1.0,
+    noise_level: base.Scalar = 1.0,
+    weight_decay: base.Scalar = 0.0,
+    localization: base.Scalar = 0.0,
+    bounding_box_size: Optional[base.Scalar] = None,
+    mask: Optional[base.PyTree] = None,
+    save_metrics: bool = False,
+    sketch_dim: Optional[int] = None,
+    sketch_seed: int = 0,
+    sketch: Optional[CountSketch] = None,
+    key: Any = 0,
+) -> optax.GradientTransformation:
+    """Stochastic Gradient Langevin Dynamics (SGLD), localized.
+
+    Samples the tempered, localized posterior
+    :math:`p(w) \\propto \\exp(-n\\beta L(w) - \\tfrac{\\gamma}{2}\\|w - w_0\\|^2
+    - \\tfrac{\\lambda}{2}\\|w\\|^2)` around the initial parameters
+    :math:`w_0` (Welling & Teh, 2011; Lau et al., 2023). With gradient
+    :math:`\\nabla L` of the mean minibatch loss, step size :math:`\\epsilon`
+    and mask :math:`m` (1 where no mask is given), one step is
+
+    .. math::
+
+        w \\leftarrow w - \\frac{\\epsilon}{2}\\, m \\odot \\left(n\\beta\\,
+        \\nabla L(w) + \\lambda w + \\gamma (w - w_0)\\right)
+        + \\sqrt{\\epsilon}\\, \\sigma\\, m \\odot \\eta,
+        \\qquad \\eta \\sim N(0, I),
+
+    followed, when ``bounding_box_size`` :math:`b` is set, by clamping
+    :math:`w` to :math:`[w_0 - b, w_0 + b]`. ``update`` returns the updates
+    that ``optax.apply_updates`` adds to the params to take this step; this
+    is the step of devinterp's ``SGLD`` optimizer.
+
+    Noise is drawn leaf by leaf from the key in the state, which is split
+    every step. Run independent chains by giving each its own key, e.g.
+    ``jax.vmap(lambda k: state._replace(key=k))(jax.random.split(key, n))``
+    and vmapping ``update`` over the states.
+
+    Args:
+      learning_rate: step size :math:`\\epsilon` (> 0), a number or an optax
+        schedule of the step count.
+      nbeta: inverse temperature :math:`n\\beta` (> 0), a number or a
+        schedule; see :func:`default_nbeta`.
+      noise_level: noise scale :math:`\\sigma` (>= 0). Anything but 1 breaks
+        the sampling guarantees and warns.
+      weight_decay: :math:`\\lambda` (>= 0), an L2 prior centred at 0.
+      localization: :math:`\\gamma` (>= 0), an L2 prior centred at
+        :math:`w_0`.
+      bounding_box_size: half-width :math:`b` (> 0) of the box around
+        :math:`w_0` the params are clamped to, or ``None`` for no box.
+      mask: ``None`` or a pytree with the params' structure and shapes, of
+        bools or 0/1 numbers: only elements where it is nonzero move.
+      save_metrics: record :class:`Metrics` of each step in the state (read
+        them with :func:`get_metrics`).
+      sketch_dim: record count sketches of dimension ``sketch_dim`` of each
+        step's components (read them with :func:`get_sketches`).
+      sketch_seed: seed of the count sketch's hashes.
+      sketch: a prebuilt :class:`CountSketch` to use instead of
+        ``sketch_dim`` and ``sketch_seed``; its ``input_dim`` must be the
+        total number of params.
+      key: int seed or JAX PRNG key of the noise. A Threefry key (the
+        default) uses a fused generator; ``rbg`` keys use
+        ``jax.random.normal``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
+      ``params``. Its state is an :class:`SGLDState`. ``initial_params`` is
+      kept only when localization is not a literal 0, a bounding box is set,
+      or metrics or sketches are recorded.
+
+    Raises:
+      ValueError, TypeError: for invalid hyperparameters, naming the argument.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import sgld_optax as so
+      >>> params = {"w": jnp.ones(3)}
+      >>> tx = so.sgld(1e-3, nbeta=10.0, localization=1.0, key=0)
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Welling & Teh, "Bayesian learning via stochastic gradient Langevin
+      dynamics", ICML 2011.
+
+      Lau, Furman, Wang, Murfet & Wei, "The local learning coefficient: a
+      singularity-aware complexity measure", 2023, arXiv:2308.12108.
+    """
+    base.check_scalar("learning_rate", learning_rate, positive=True,
+                      allow_schedule=True)
+    base.check_scalar("nbeta", nbeta, positive=True, allow_schedule=True)
+    base.check_scalar("noise_level", noise_level, non_negative=True)
+    base.check_scalar("weight_decay", weight_decay, non_negative=True)
+    base.check_scalar("localization", localization, non_negative=True)
+    if bounding_box_size is not None:
+        base.check_scalar("bounding_box_size", bounding_box_size, positive=True)
+    if not isinstance(save_metrics, (bool, np.bool_)):
+        raise TypeError(f"save_metrics must be a bool, got {save_metrics!r}.")
+    if sketch is not None and not isinstance(sketch, CountSketch):
+        raise TypeError(f"sketch must be a CountSketch, got {sketch!r}.")
+    sketch_dim = _static_int("sketch_dim", sketch_dim)
+    sketch_seed = _static_int("sketch_seed", sketch_seed)
+    if sketch_dim is not None and sketch_dim < 1:
+        raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}.")
+    if (sketch is not None and sketch_dim is not None
+            and sketch.output_dim != sketch_dim):
+        raise ValueError(
+            f"sketch_dim={sketch_dim} disagrees with sketch.output_dim="
+            f"{sketch.output_dim}; pass one of them.")
+    if mask is not None:
+        for leaf in jax.tree_util.tree_leaves(mask):
+            dt = np.asarray(leaf).dtype if not isinstance(
+                leaf, jax.core.Tracer) else leaf.dtype
+            if not (dt == bool or np.issubdtype(dt, np.number)):
+                raise TypeError(f"mask leaves must be bool or 0/1 numbers, got {dt}.")
+
+    if (v := base.concrete_float(noise_level)) is not None and v != 1.0:
+        warnings.warn(
+            f"noise_level={v} is not 1: the chain no longer samples the "
+            "posterior. Use this only for testing.", UserWarning, stacklevel=2)
+    if (v := base.concrete_float(nbeta)) is not None and v == 1.0:
+        warnings.warn(
+            "nbeta is 1: LLC estimates will be off unless that is intended; "
+            "see sgld_optax.default_nbeta.", UserWarning, stacklevel=2)
+
+    sketching = sketch is not None or sketch_dim is not None
+    use_box = bounding_box_size is not None
+    use_loc = not _is_python_zero(localization)
+    use_wd = not _is_python_zero(weight_decay)
+    keep_initial = use_loc or use_box or save_metrics or sketching
+
+    def get_sketch(total: int) -> CountSketch:
+        if sketch is not None:
+            if sketch.input_dim != total:
+                raise ValueError(
+                    f"sketch.input_dim={sketch.input_dim} but the params have "
+                    f"{total} elements in all.")
+            return sketch
+        return CountSketch(total, sketch_dim, sketch_seed)
+
+    def init_fn(params):
+        leaves = jax.tree_util.tree_leaves(params)
+        if mask is not None:
+            _check_mask(mask, params)
+        if sketching:
+            get_sketch(sum(int(np.size(x)) for x in leaves))
+        return SGLDState(
+            count=jnp.zeros((), jnp.int32),
+            key=_as_key(key),
+            initial_params=(jax.tree.map(jnp.asarray, params)
+                            if keep_initial else None),
+            metrics=Metrics.zeros() if save_metrics else None,
+            sketch=(SketchBuffer.zeros(sketch.output_dim if sketch is not None
+                                       else sketch_dim)
+                    if sketching else None),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError(
+                "sgld needs the current params: call update(grads, state, "
+                "params).")
+        p_leaves, treedef = jax.tree_util.tree_flatten(params)
+        try:
+            g_leaves = treedef.flatten_up_to(updates)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                "grads must have the structure of params: params is "
+                f"{treedef}, grads is {jax.tree_util.tree_structure(updates)}."
+            ) from err
+        m_leaves = (treedef.flatten_up_to(mask) if mask is not None
+                    else [None] * len(p_leaves))
+        w0_leaves = (treedef.flatten_up_to(state.initial_params)
+                     if keep_initial else [None] * len(p_leaves))
+
+        lr = _value(learning_rate, state.count)
+        nb = _value(nbeta, state.count)
+        new_key, step_key = jax.random.split(state.key)
+
+        out, comps, dists = [], [], []
+        for i, (p, g, m, w0) in enumerate(zip(p_leaves, g_leaves, m_leaves,
+                                               w0_leaves)):
+            cd = base.compute_dtype(p.dtype)
+            w = p.astype(cd)
+            half_lr = jnp.asarray(lr, cd) * 0.5
+            if g is None:
+                g = jnp.zeros_like(w)
+            sg = half_lr * (g.astype(cd) * jnp.asarray(nb, cd))
+            dist = w - w0.astype(cd) if w0 is not None else None
+            loc = (half_lr * (dist * jnp.asarray(localization, cd))
+                   if use_loc else None)
+            wd = (half_lr * (w * jnp.asarray(weight_decay, cd))
+                  if use_wd else None)
+            eta = noise_lib.standard_normal(
+                jax.random.fold_in(step_key, i), p.shape, jnp.float32
+                if cd == jnp.float32 else cd)
+            xi = (jnp.sqrt(jnp.asarray(lr, cd)) * jnp.asarray(noise_level, cd)
+                  ) * eta.astype(cd)
+            if m is not None:
+                mm = jnp.asarray(m).astype(cd)
+                sg, xi = sg * mm, xi * mm
+                loc = loc * mm if loc is not None else None
+                wd = wd * mm if wd is not None else None
+                dist = dist * mm if dist is not None else None
+            drift = sg
+            if loc is not None:
+                drift = drift + loc
+            if wd is not None:
+                drift = drift + wd
+            u = xi - drift
+            if use_box:
+                b = jnp.asarray(bounding_box_size, cd)
+                w0c = w0.astype(cd)
+                u = jnp.clip(w + u, w0c - b, w0c + b) - w
+            out.append(u.astype(p.dtype))
+            comps.append((sg, loc, wd, xi))
+            dists.append(dist)
+
+        new_metrics = state.metrics
+        if save_metrics:
+            numel = sum(int(np.size(p)) if m is None
+                        else jnp.count_nonzero(m).astype(jnp.int32)
+                        for p, m in zip(p_leaves, m_leaves))
+            new_metrics = metrics_lib.metrics_from_components(
+                [tuple(c if c is not None else jnp.zeros((), jnp.float32)
+                       for c in comp) for comp in comps],
+                dists, numel)
+
+        new_sketch = state.sketch
+        if sketching:
+            new_sketch = _sketch_components(
+                get_sketch(sum(int(np.size(p)) for p in p_leaves)), comps)
+
+        new_state = SGLDState(
+            count=optax.safe_increment(state.count),
+            key=new_key,
+            initial_params=state.initial_params,
+            metrics=new_metrics,
+            sketch=new_sketch,
+        )
+        return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _static_int(name, value):
+    if value is None:
+        return None
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static int; with optax.inject_hyperparams pass "
+            f"static_args=('key', 'sketch_dim', 'sketch_seed').")
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
+    arr = np.asarray(value)
+    if arr.shape != () or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
+    return int(arr)
+
+
+def _sketch_components(cs: CountSketch, comps) -> SketchBuffer:
+    """Sketches the (scaled_grad, localization, weight_decay, noise) vectors."""
+    present = [j for j in range(4) if comps[0][j] is not None]
+    buf = jnp.zeros((cs.output_dim, len(present)), jnp.float32)
+    offset = 0
+    for comp in comps:
+        n = comp[0].size
+        cols = jnp.stack([comp[j].reshape(-1).astype(jnp.float32)
+                          for j in present], axis=1)
+        buf = cs.scatter(buf, cols, offset)
+        offset += n
+    zero = jnp.zeros((cs.output_dim,), jnp.float32)
+    col = {j: buf[:, k] for k, j in enumerate(present)}
+    sg, loc, wd, xi = (col.get(j, zero) for j in range(4))
+    return SketchBuffer(scaled_grad=sg, unscaled_grad=sg, localization=loc,
+                        weight_decay=wd, noise=xi)
+
+
+def _find_states(opt_state) -> list[SGLDState]:
+    is_state = lambda x: isinstance(x, SGLDState)
+    nodes = jax.tree_util.tree_leaves(opt_state, is_leaf=is_state)
+    return [x for x in nodes if is_state(x)]
+
+
+def get_metrics(opt_state) -> Metrics:
+    """The :class:`Metrics` of the last step, from any optax state.
+
+    Finds every :class:`SGLDState` inside ``opt_state`` (through
+    ``optax.chain``, ``masked``, ``multi_transform``, ``apply_if_finite``,
+    ``inject_hyperparams``, ``MultiSteps``...) and combines them as one
+    parameter vector: norms as the root of summed squares, dot products and
+    ``numel`` summed.
+
+    Args:
+      opt_state: an optax state containing at least one sgld state.
+
+    Returns:
+      The combined :class:`Metrics`.
+
+    Raises:
+      ValueError: if there is no sgld state, or one was built without
+        ``save_metrics=True``.
+    """
+    states = _find_states(opt_state)
+    if not states:
+        raise ValueError("get_metrics found no sgld state in opt_state.")
+    if any(s.metrics is None for s in states):
+        raise ValueError(
+            "metrics were not enabled: build the transformation with "
+            "sgld(..., save_metrics=True).")
+    return metrics_lib.aggregate(s.metrics for s in states)
+
+
+def get_sketches(opt_state) -> SketchBuffer:
+    """The :class:`SketchBuffer` of the last step, from any optax state.
+
+    Args:
+      opt_state: an optax state containing exactly one sgld state that
+        sketches.
+
+    Returns:
+      The :class:`SketchBuffer`.
+
+    Raises:
+      ValueError: if no sgld state sketches, or several do (their sketches
+        index different parameter vectors and cannot be combined).
+    """
+    states = _find_states(opt_state)
+    if not states:
+        raise ValueError("get_sketches found no sgld state in opt_state.")
+    sketched = [s for s in states if s.sketch is not None]
+    if not sketched:
+        raise ValueError(
+            "sketches were not enabled: build the transformation with "
+            "sgld(..., sketch_dim=k).")
+    if len(sketched) > 1:
+        raise ValueError(
+            f"found {len(sketched)} sgld states with sketches; their sketches "
+            "cover different parameters and cannot be combined. Read each "
+            "state's .sketch field.")
+    return sketched[0].sketch

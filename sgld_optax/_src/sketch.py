@@ -1,0 +1,217 @@
+"""Count sketches of SGLD update components.
+
+A count sketch maps a vector :math:`v \\in \\mathbb{R}^d` to
+:math:`S v \\in \\mathbb{R}^k` through a bucket hash :math:`h: [d] \\to [k]`
+and a sign hash :math:`s: [d] \\to \\{-1, +1\\}`:
+
+.. math::
+
+    (S v)_j = \\sum_{i:\\, h(i) = j} s(i)\\, v_i .
+
+With independent random signs, :math:`E[\\langle Sv, Sw\\rangle] =
+\\langle v, w\\rangle` (Charikar et al., 2002; Weinberger et al., 2009), so
+inner products, norms and cosines between update components of different steps
+or runs can be estimated from :math:`k`-dimensional sketches.
+
+:class:`CountSketch` hashes each index on the fly from the seed (a murmur3
+finaliser applied twice), so it stores nothing per parameter: **0 bytes per
+parameter**. :meth:`CountSketch.from_tables` builds one from explicit tables
+(int32 bucket and int8 sign per input, **5 bytes per parameter**), e.g. to
+reproduce another implementation's sketch exactly.
+
+References:
+  Charikar, Chen & Farach-Colton, "Finding frequent items in data streams",
+  ICALP 2002, https://doi.org/10.1007/3-540-45465-9_59
+
+  Weinberger, Dasgupta, Langford, Smola & Attenberg, "Feature hashing for large
+  scale multitask learning", ICML 2009, https://doi.org/10.1145/1553374.1553516
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SKETCH_FIELDS = ("scaled_grad", "unscaled_grad", "localization",
+                 "weight_decay", "noise")
+
+_M1 = np.uint32(0x85EBCA6B)
+_M2 = np.uint32(0xC2B2AE35)
+
+
+def _fmix32(x):
+    """The murmur3 32-bit finaliser, a bijection with full avalanche."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * _M1
+    x = x ^ (x >> np.uint32(13))
+    x = x * _M2
+    return x ^ (x >> np.uint32(16))
+
+
+def _fmix32_np(x: int) -> np.uint32:
+    with np.errstate(over="ignore"):
+        return _fmix32(np.uint32(x & 0xFFFFFFFF))
+
+
+class SketchBuffer(NamedTuple):
+    """Count sketches of the five components of the last SGLD step.
+
+    Each field is a float32 array of shape ``(sketch_dim,)`` (with leading
+    chain axes when vmapped). The components are the ones of
+    :class:`sgld_optax.Metrics`; ``unscaled_grad`` equals ``scaled_grad``.
+    """
+
+    scaled_grad: jax.Array
+    unscaled_grad: jax.Array
+    localization: jax.Array
+    weight_decay: jax.Array
+    noise: jax.Array
+
+    @classmethod
+    def zeros(cls, sketch_dim: int) -> "SketchBuffer":
+        """An all-zero buffer of ``sketch_dim`` buckets."""
+        z = jnp.zeros((sketch_dim,), jnp.float32)
+        return cls(z, z, z, z, z)
+
+
+class CountSketch:
+    """A count sketch from ``input_dim`` to ``output_dim`` dimensions.
+
+    Args:
+      input_dim: dimension :math:`d` of the vectors sketched. Inside
+        :func:`sgld_optax.sgld` it is the total number of parameters, leaves
+        concatenated in ``jax.tree_util`` flatten order.
+      output_dim: number of buckets :math:`k`.
+      seed: integer seed of the hashes; equal seeds give equal sketches.
+
+    The default construction hashes indices on the fly and stores no table
+    (0 bytes per parameter). Use :meth:`from_tables` for explicit tables.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import sgld_optax as so
+      >>> cs = so.CountSketch(input_dim=1000, output_dim=64, seed=0)
+      >>> v = jnp.ones(1000)
+      >>> cs.sketch(v).shape
+      (64,)
+    """
+
+    def __init__(self, input_dim: int, output_dim: int, seed: int = 0):
+        for name, value in (("input_dim", input_dim), ("output_dim", output_dim)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {value!r}.")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        if input_dim >= 2**32:
+            raise ValueError(f"input_dim must be < 2**32, got {input_dim}.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got {seed!r}.")
+        self.input_dim = int(input_dim)
+        self.output_dim = int(output_dim)
+        self.seed = int(seed)
+        self.hash_indices = None
+        self.hash_signs = None
+        self._salts = (_fmix32_np(2 * self.seed + 1),
+                       _fmix32_np((self.seed >> 32) ^ 0x9E3779B9),
+                       _fmix32_np(self.seed ^ 0x68E31DA4))
+
+    @classmethod
+    def from_tables(cls, hash_indices, hash_signs, output_dim: int
+                    ) -> "CountSketch":
+        """Builds a count sketch from explicit bucket and sign tables.
+
+        Args:
+          hash_indices: integer array of shape ``(input_dim,)`` with values in
+            ``[0, output_dim)``; stored as int32.
+          hash_signs: array of shape ``(input_dim,)`` with values in
+            ``{-1, +1}``; stored as int8.
+          output_dim: number of buckets.
+
+        Returns:
+          A :class:`CountSketch` that uses these tables (5 bytes per input).
+
+        Raises:
+          ValueError: if the shapes disagree or values are out of range.
+        """
+        idx = np.asarray(hash_indices)
+        sgn = np.asarray(hash_signs)
+        if idx.ndim != 1 or sgn.shape != idx.shape:
+            raise ValueError(
+                "hash_indices and hash_signs must be 1-D of one length, got "
+                f"shapes {idx.shape} and {sgn.shape}.")
+        if idx.shape[0] == 0:
+            raise ValueError("hash_indices must not be empty.")
+        self = cls(int(idx.shape[0]), output_dim)
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise TypeError(f"hash_indices must be integers, got {idx.dtype}.")
+        if idx.min() < 0 or idx.max() >= output_dim:
+            raise ValueError(
+                f"hash_indices must lie in [0, {output_dim}), got values in "
+                f"[{idx.min()}, {idx.max()}].")
+        if not np.all(np.abs(sgn) == 1):
+            raise ValueError("hash_signs must be -1 or +1.")
+        self.hash_indices = idx.astype(np.int32)
+        self.hash_signs = sgn.astype(np.int8)
+        return self
+
+    @property
+    def bytes_per_param(self) -> int:
+        """Bytes stored per input coordinate: 0 when hashed, 5 with tables."""
+        return 0 if self.hash_indices is None else 5
+
+    def __repr__(self):
+        kind = "hashed" if self.hash_indices is None else "tables"
+        return (f"CountSketch(input_dim={self.input_dim}, "
+                f"output_dim={self.output_dim}, seed={self.seed}, {kind})")
+
+    def buckets_and_signs(self, offset: int, size: int):
+        """Buckets (int32) and signs (float32) of inputs ``offset .. offset+size-1``."""
+        if offset < 0 or offset + size > self.input_dim:
+            raise ValueError(
+                f"inputs [{offset}, {offset + size}) are outside "
+                f"[0, {self.input_dim}).")
+        if self.hash_indices is not None:
+            idx = jnp.asarray(self.hash_indices[offset:offset + size])
+            sgn = jnp.asarray(self.hash_signs[offset:offset + size], jnp.float32)
+            return idx, sgn
+        s1, s2, s3 = self._salts
+        i = jax.lax.iota(jnp.uint32, size) + np.uint32(offset)
+        x = _fmix32(_fmix32(i ^ s1) + s2)
+        idx = (x % np.uint32(self.output_dim)).astype(jnp.int32)
+        sign_bit = _fmix32(x ^ s3) >> np.uint32(31)
+        sgn = 1.0 - 2.0 * sign_bit.astype(jnp.float32)
+        return idx, sgn
+
+    def scatter(self, buffer: jax.Array, values: jax.Array, offset: int
+                ) -> jax.Array:
+        """Adds the sketch of ``values`` placed at ``offset`` into ``buffer``.
+
+        By linearity, sketching a concatenation equals summing the sketches
+        of its pieces, each at its offset.
+
+        Args:
+          buffer: float32 array ``(output_dim,)`` or ``(output_dim, c)``.
+          values: array ``(n,)`` or ``(n, c)``, inputs ``offset`` to
+            ``offset + n - 1``.
+          offset: position of ``values[0]`` in the input vector.
+
+        Returns:
+          The updated buffer.
+        """
+        values = jnp.asarray(values).astype(jnp.float32)
+        idx, sgn = self.buckets_and_signs(offset, values.shape[0])
+        if values.ndim == 2:
+            sgn = sgn[:, None]
+        return buffer.at[idx].add(sgn * values)
+
+    def sketch(self, v: jax.Array) -> jax.Array:
+        """The float32 sketch :math:`S v` of a flat vector ``v`` of length ``input_dim``."""
+        v = jnp.asarray(v)
+        if v.shape != (self.input_dim,):
+            raise ValueError(
+                f"sketch expects a vector of shape ({self.input_dim},), got "
+                f"{v.shape}.")
+        return self.scatter(jnp.zeros((self.output_dim,), jnp.float32), v, 0)
