@@ -79,27 +79,36 @@ def metrics_from_components(components, distance, numel) -> Metrics:
 
     Args:
       components: sequence over leaves of ``(scaled_grad, localization,
-        weight_decay, noise)`` arrays, already masked.
-      distance: sequence over leaves of masked ``w - w0`` arrays.
+        weight_decay, noise)`` arrays, already masked; ``None`` stands for a
+        component that is identically zero.
+      distance: sequence over leaves of masked ``w - w0`` arrays (or
+        ``None``).
       numel: Python int, the number of unmasked parameters.
 
     Returns:
       The step's :class:`Metrics`.
     """
-    f32 = lambda x: x.astype(jnp.float32)
     sums = {name: jnp.zeros((), jnp.float32)
             for name in NORM_FIELDS + DOT_FIELDS}
+
+    def dot(a, b):
+        if a is None or b is None:
+            return 0.0
+        return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32))
+
     for (g, loc, wd, xi), dist in zip(components, distance):
-        g, loc, wd, xi, dist = map(f32, (g, loc, wd, xi, dist))
-        prior = loc + wd
-        sums["scaled_grad"] += jnp.vdot(g, g)
-        sums["localization"] += jnp.vdot(loc, loc)
-        sums["weight_decay"] += jnp.vdot(wd, wd)
-        sums["noise"] += jnp.vdot(xi, xi)
-        sums["distance"] += jnp.vdot(dist, dist)
-        sums["dot_grad_prior"] += jnp.vdot(g, prior)
-        sums["dot_grad_noise"] += jnp.vdot(g, xi)
-        sums["dot_prior_noise"] += jnp.vdot(prior, xi)
+        if loc is None or wd is None:
+            prior = wd if loc is None else loc
+        else:
+            prior = loc + wd
+        sums["scaled_grad"] += dot(g, g)
+        sums["localization"] += dot(loc, loc)
+        sums["weight_decay"] += dot(wd, wd)
+        sums["noise"] += dot(xi, xi)
+        sums["distance"] += dot(dist, dist)
+        sums["dot_grad_prior"] += dot(g, prior)
+        sums["dot_grad_noise"] += dot(g, xi)
+        sums["dot_prior_noise"] += dot(prior, xi)
     sums["unscaled_grad"] = sums["scaled_grad"]
     norms = {name: jnp.sqrt(sums[name]) for name in NORM_FIELDS}
     dots = {name: sums[name] for name in DOT_FIELDS}

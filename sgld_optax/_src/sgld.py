@@ -360,9 +360,7 @@ def sgld(
                         else jnp.count_nonzero(m).astype(jnp.int32)
                         for p, m in zip(p_leaves, m_leaves))
             new_metrics = metrics_lib.metrics_from_components(
-                [tuple(c if c is not None else jnp.zeros((), jnp.float32)
-                       for c in comp) for comp in comps],
-                dists, numel)
+                comps, dists, numel)
 
         new_sketch = state.sketch
         if sketching:
