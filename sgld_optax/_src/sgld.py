@@ -284,7 +284,10 @@ def sgld(
         return SGLDState(
             count=jnp.zeros((), jnp.int32),
             key=_as_key(key),
-            initial_params=(jax.tree.map(jnp.asarray, params)
+            # A copy, so that donating the params to a later step cannot
+            # free the buffers w0 lives in.
+            initial_params=(jax.tree.map(lambda x: jnp.array(x, copy=True),
+                                         params)
                             if keep_initial else None),
             metrics=Metrics.zeros() if save_metrics else None,
             sketch=(SketchBuffer.zeros(sketch.output_dim if sketch is not None
