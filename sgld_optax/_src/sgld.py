@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from typing import Any, NamedTuple, Optional
 
@@ -42,7 +43,7 @@ class SGLDState(NamedTuple):
     sketch: Optional[SketchBuffer]
 
 
-def default_nbeta(batch_size, gradient_accumulation_steps: int = 1) -> float:
+def default_nbeta(batch_size: Any, gradient_accumulation_steps: int = 1) -> float:
     """The default inverse temperature :math:`n\\beta = m / \\log m`.
 
     :math:`m` is the number of samples behind one gradient, ``batch_size``
@@ -199,7 +200,8 @@ def sgld(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
-      ``params``. Its state is an :class:`SGLDState`. ``initial_params`` is
+      ``params``; ``update.hyperparams`` is a read-only mapping of the
+      arguments above. Its state is an :class:`SGLDState`. ``initial_params`` is
       kept only when localization is not a literal 0, a bounding box is set,
       or metrics or sketches are recorded.
 
@@ -379,6 +381,11 @@ def sgld(
         )
         return jax.tree_util.tree_unflatten(treedef, out), new_state
 
+    # Readable by tools that translate the sampler to other frameworks.
+    update_fn.hyperparams = types.MappingProxyType(dict(
+        learning_rate=learning_rate, nbeta=nbeta, noise_level=noise_level,
+        weight_decay=weight_decay, localization=localization,
+        bounding_box_size=bounding_box_size, mask=mask))
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -421,7 +428,7 @@ def _find_states(opt_state) -> list[SGLDState]:
     return [x for x in nodes if is_state(x)]
 
 
-def get_metrics(opt_state) -> Metrics:
+def get_metrics(opt_state: optax.OptState) -> Metrics:
     """The :class:`Metrics` of the last step, from any optax state.
 
     Finds every :class:`SGLDState` inside ``opt_state`` (through
@@ -450,7 +457,7 @@ def get_metrics(opt_state) -> Metrics:
     return metrics_lib.aggregate(s.metrics for s in states)
 
 
-def get_sketches(opt_state) -> SketchBuffer:
+def get_sketches(opt_state: optax.OptState) -> SketchBuffer:
     """The :class:`SketchBuffer` of the last step, from any optax state.
 
     Args:

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing  # noqa: F401
 
 SKETCH_FIELDS = ("scaled_grad", "unscaled_grad", "localization",
                  "weight_decay", "noise")
@@ -119,7 +120,8 @@ class CountSketch:
                        _fmix32_np(self.seed ^ 0x68E31DA4))
 
     @classmethod
-    def from_tables(cls, hash_indices, hash_signs, output_dim: int
+    def from_tables(cls, hash_indices: np.typing.ArrayLike,
+                    hash_signs: np.typing.ArrayLike, output_dim: int
                     ) -> "CountSketch":
         """Builds a count sketch from explicit bucket and sign tables.
 
