@@ -127,6 +127,16 @@ def _check_mask(mask, params):
     return m_leaves
 
 
+def _check_floating(params):
+    """Raises a TypeError naming every leaf of params that is not a float."""
+    bad = [f"{jax.tree_util.keystr(path) or '<root>'}: {jnp.result_type(x)}"
+           for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+           if not jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    if bad:
+        raise TypeError("sgld samples floating-point params only; these "
+                        "leaves are not:\n  " + "\n  ".join(bad))
+
+
 def _value(hparam, count):
     return hparam(count) if callable(hparam) else hparam
 
@@ -262,6 +272,7 @@ def sgld(
             "nbeta is 1: LLC estimates will be off unless that is intended; "
             "see sgld_optax.default_nbeta.", UserWarning, stacklevel=2)
 
+    _as_key(key)  # Validates now; init builds the key.
     sketching = sketch is not None or sketch_dim is not None
     use_box = bounding_box_size is not None
     use_loc = not _is_python_zero(localization)
@@ -279,6 +290,7 @@ def sgld(
 
     def init_fn(params):
         leaves = jax.tree_util.tree_leaves(params)
+        _check_floating(params)
         if mask is not None:
             _check_mask(mask, params)
         if sketching:
