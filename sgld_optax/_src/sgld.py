@@ -248,7 +248,10 @@ def sgld(
     if sketch is not None and not isinstance(sketch, CountSketch):
         raise TypeError(f"sketch must be a CountSketch, got {sketch!r}.")
     sketch_dim = _static_int("sketch_dim", sketch_dim)
-    sketch_seed = _static_int("sketch_seed", sketch_seed)
+    if sketch_dim is not None and sketch is None:
+        # Only a sketch built here uses the seed; checking it otherwise would
+        # trip optax.inject_hyperparams, which traces every int argument.
+        sketch_seed = _static_int("sketch_seed", sketch_seed)
     if sketch_dim is not None and sketch_dim < 1:
         raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}.")
     if (sketch is not None and sketch_dim is not None

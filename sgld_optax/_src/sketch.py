@@ -207,7 +207,13 @@ class CountSketch:
         idx, sgn = self.buckets_and_signs(offset, values.shape[0])
         if values.ndim == 2:
             sgn = sgn[:, None]
-        return buffer.at[idx].add(sgn * values)
+        updates = sgn * values
+        kwargs = {}
+        if hasattr(jax, "typeof"):
+            # Under an explicitly sharded mesh the sketch is replicated.
+            kwargs["out_sharding"] = jax.typeof(updates).sharding.update(
+                spec=jax.sharding.PartitionSpec())
+        return buffer.at[idx].add(updates, **kwargs)
 
     def sketch(self, v: jax.Array) -> jax.Array:
         """The float32 sketch :math:`S v` of a flat vector ``v`` of length ``input_dim``."""

@@ -1,0 +1,352 @@
+"""Statistical tests of the sampler's noise and of the count sketches.
+
+All seeds are fixed. Bounds come from the sampling distributions of the
+statistics (five standard errors, or Bonferroni-corrected quantiles), so a
+correct implementation fails with negligible probability while a biased,
+mis-scaled or correlated stream fails by a wide margin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import sgld_optax as so
+from sgld_optax._src import noise as noise_lib
+
+STEPS = 48
+
+
+def sample_updates(lr, noise_level, params, steps=STEPS, key=0, chains=None):
+    """Updates of ``steps`` steps with zero grads and no prior terms.
+
+    Returns the per-leaf stacks of updates, shaped ``(steps, *leaf.shape)``
+    (``(chains, steps, ...)`` when ``chains`` keys are given).
+    """
+    if noise_level != 1.0:
+        with pytest.warns(UserWarning, match="noise_level"):
+            tx = so.sgld(lr, nbeta=4.0, noise_level=noise_level, key=key)
+    else:
+        tx = so.sgld(lr, nbeta=4.0, key=key)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    def run(state):
+        def body(state, _):
+            updates, state = tx.update(zeros, state, params)
+            return state, updates
+
+        return jax.lax.scan(body, state, None, length=steps)[1]
+
+    state = tx.init(params)
+    if chains is None:
+        return jax.jit(run)(state)
+    keys = jax.random.split(jax.random.key(key), chains)
+    states = jax.vmap(lambda k: state._replace(key=k))(keys)
+    return jax.jit(jax.vmap(run))(states)
+
+
+def corr(a, b):
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    return float(np.corrcoef(a, b)[0, 1]), a.size
+
+
+PARAMS = {
+    "a": jnp.zeros((2000,)),
+    "b": jnp.zeros((2000,)),
+    "c": jnp.zeros((10, 5, 8)),
+    "s": jnp.zeros(()),
+}
+
+
+@pytest.fixture(scope="module", params=[(1e-2, 1.0), (0.3, 0.5)],
+                ids=["lr1e-2", "lr0.3-noise0.5"])
+def standardized(request):
+    lr, noise_level = request.param
+    ups = sample_updates(lr, noise_level, PARAMS)
+    scale = math.sqrt(lr) * noise_level
+    return {k: np.asarray(v, np.float64) / scale for k, v in ups.items()}
+
+
+def test_noise_mean_and_variance(standardized):
+    z = np.concatenate([v.reshape(STEPS, -1) for v in standardized.values()],
+                       axis=1)
+    n = z.size
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1.0) < 5 * math.sqrt(2.0 / n)
+    # Per element over the steps: means ~ N(0, 1/T), (T-1) s^2 ~ chi2(T-1).
+    elems = z.shape[1]
+    alpha = 1e-3 / elems
+    assert np.max(np.abs(z.mean(0))) * math.sqrt(STEPS) < stats.norm.isf(
+        alpha / 2)
+    ss = (STEPS - 1) * z.var(0, ddof=1)
+    assert ss.min() > stats.chi2.ppf(alpha / 2, STEPS - 1)
+    assert ss.max() < stats.chi2.isf(alpha / 2, STEPS - 1)
+
+
+def test_noise_is_standard_normal(standardized):
+    z = np.concatenate([v.ravel() for v in standardized.values()])
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+
+
+def test_noise_is_uncorrelated_across_steps_leaves_and_elements(standardized):
+    a, b = standardized["a"], standardized["b"]
+    r, n = corr(a[:-1], a[1:])  # serial, consecutive steps
+    assert abs(r) < 5 / math.sqrt(n)
+    r, n = corr(a, b)  # two leaves of one shape
+    assert abs(r) < 5 / math.sqrt(n)
+    r, n = corr(a[:, :-1], a[:, 1:])  # neighbouring elements of a leaf
+    assert abs(r) < 5 / math.sqrt(n)
+    c = standardized["c"].reshape(STEPS, -1)
+    r, n = corr(c[:, :-1], c[:, 1:])
+    assert abs(r) < 5 / math.sqrt(n)
+    s = standardized["s"]  # the scalar leaf changes every step
+    assert np.unique(s).size == STEPS
+
+
+def test_noise_is_uncorrelated_across_vmapped_chains():
+    ups = sample_updates(1e-2, 1.0, {"a": jnp.zeros((500,))}, steps=16,
+                         chains=3)["a"]
+    z = np.asarray(ups, np.float64) / 0.1
+    assert z.shape == (3, 16, 500)
+    assert abs(z.var() - 1.0) < 5 * math.sqrt(2.0 / z.size)
+    for i in range(3):
+        for j in range(i):
+            r, n = corr(z[i], z[j])
+            assert abs(r) < 5 / math.sqrt(n), (i, j, r)
+
+
+def test_noise_scales_with_sqrt_learning_rate_and_noise_level():
+    params = {"a": jnp.zeros((4000,))}
+    base = np.asarray(sample_updates(1e-2, 1.0, params, steps=4)["a"])
+    scaled = np.asarray(sample_updates(0.16, 0.5, params, steps=4)["a"])
+    # Same key, so the same eta: sqrt(0.16) * 0.5 / sqrt(0.01) = 2.
+    np.testing.assert_allclose(scaled, 2.0 * base, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------
+# The fused generator draws JAX's stream.
+
+SHAPES = [(), (1,), (7,), (3, 5), (2, 3, 4), (2, 1, 3), (129,)]
+KEYS = {
+    "typed0": lambda: jax.random.key(0),
+    "typed123": lambda: jax.random.key(123),
+    "legacy42": lambda: jax.random.PRNGKey(42),
+}
+
+
+@pytest.mark.parametrize("key", list(KEYS))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fused_bits_and_normals_equal_jax_random(key, shape):
+    key = KEYS[key]()
+    np.testing.assert_array_equal(noise_lib.random_bits(key, shape),
+                                  jax.random.bits(key, shape))
+    typed = (key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+             else jax.random.wrap_key_data(key))
+    np.testing.assert_array_equal(noise_lib.standard_normal(key, shape),
+                                  jax.random.normal(typed, shape))
+
+
+def test_fused_bits_under_jit_and_vmap():
+    keys = jax.random.split(jax.random.key(9), 3)
+    got = jax.jit(jax.vmap(lambda k: noise_lib.random_bits(k, (2, 3, 4))))(
+        keys)
+    want = jnp.stack([jax.random.bits(k, (2, 3, 4)) for k in keys])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_random_bits_rejects_other_generators():
+    with pytest.raises(ValueError, match="threefry"):
+        noise_lib.random_bits(jax.random.key(0, impl="rbg"), (3,))
+    # Other generators and float64 fall back to jax.random.normal.
+    key = jax.random.key(0, impl="rbg")
+    np.testing.assert_array_equal(noise_lib.standard_normal(key, (5,)),
+                                  jax.random.normal(key, (5,)))
+    with jax.enable_x64(True):
+        key = jax.random.key(0)
+        got = noise_lib.standard_normal(key, (5,), jnp.float64)
+        assert got.dtype == jnp.float64
+        np.testing.assert_array_equal(got,
+                                      jax.random.normal(key, (5,), jnp.float64))
+
+
+# --------------------------------------------------------------------------
+# Count sketches.
+
+
+def hand_sketch(indices, signs, v, k):
+    out = np.zeros(k)
+    np.add.at(out, np.asarray(indices), np.asarray(signs, np.float64)
+              * np.asarray(v, np.float64))
+    return out
+
+
+def test_sketch_inner_products_are_unbiased():
+    d, k, seeds = 200, 16, 200
+    rng = np.random.default_rng(0)
+    # Vectors with a common mean: without random signs, collisions would add
+    # a bias of about (sum v)(sum w)/k, far outside the error bound.
+    v = 1.0 + 0.5 * rng.normal(size=d)
+    w = 1.0 + 0.5 * rng.normal(size=d)
+    vj, wj = jnp.asarray(v, jnp.float32), jnp.asarray(w, jnp.float32)
+    dots, sq = [], []
+    for seed in range(seeds):
+        cs = so.CountSketch(d, k, seed)
+        sv, sw = np.asarray(cs.sketch(vj), np.float64), np.asarray(
+            cs.sketch(wj), np.float64)
+        dots.append(sv @ sw)
+        sq.append(sv @ sv)
+    for est, exact in ((np.asarray(dots), v @ w), (np.asarray(sq), v @ v)):
+        stderr = est.std(ddof=1) / math.sqrt(seeds)
+        assert abs(est.mean() - exact) < 5 * stderr, (est.mean(), exact)
+        # The spread is the count sketch's: Var ~ (|v|^2|w|^2 + <v,w>^2)/k.
+        assert est.std() < 3 * math.sqrt((v @ v * (w @ w) + exact**2) / k)
+    assert np.std(dots) > 0  # seeds give different hashes
+
+
+def test_hashed_buckets_are_uniform_and_signs_balanced():
+    d, k = 64_000, 64
+    cs = so.CountSketch(d, k, seed=5)
+    idx, sgn = (np.asarray(a) for a in cs.buckets_and_signs(0, d))
+    assert idx.dtype == np.int32 and idx.min() >= 0 and idx.max() < k
+    assert set(np.unique(sgn)) == {-1.0, 1.0}
+    assert stats.chisquare(np.bincount(idx, minlength=k)).pvalue > 1e-3
+    assert abs(sgn.mean()) < 5 / math.sqrt(d)
+    # Equal seeds give equal hashes; other seeds other hashes.
+    idx2, sgn2 = (np.asarray(a) for a in so.CountSketch(d, k, 5)
+                  .buckets_and_signs(0, d))
+    np.testing.assert_array_equal(idx, idx2)
+    np.testing.assert_array_equal(sgn, sgn2)
+    idx3, _ = so.CountSketch(d, k, 6).buckets_and_signs(0, d)
+    assert np.mean(idx != np.asarray(idx3)) > 0.9
+
+
+def random_tables(d, k, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, k, size=d), rng.choice([-1, 1], size=d)
+
+
+@pytest.mark.parametrize("kind", ["hashed", "tables"])
+def test_sketch_of_concatenation_is_sum_at_offsets(kind):
+    sizes, k = [5, 1, 12, 7], 6
+    d = sum(sizes)
+    cs = (so.CountSketch(d, k, seed=3) if kind == "hashed"
+          else so.CountSketch.from_tables(*random_tables(d, k), output_dim=k))
+    rng = np.random.default_rng(1)
+    pieces = [rng.normal(size=n).astype(np.float32) for n in sizes]
+    whole = np.asarray(cs.sketch(jnp.asarray(np.concatenate(pieces))))
+    buf, offset = jnp.zeros((k,), jnp.float32), 0
+    for piece in pieces:
+        buf = cs.scatter(buf, jnp.asarray(piece), offset)
+        offset += piece.size
+    np.testing.assert_allclose(np.asarray(buf), whole, rtol=1e-5, atol=1e-6)
+    # Several columns at once sketch each column.
+    cols = rng.normal(size=(d, 3)).astype(np.float32)
+    got = np.asarray(cs.scatter(jnp.zeros((k, 3), jnp.float32),
+                                jnp.asarray(cols), 0))
+    for c in range(3):
+        np.testing.assert_allclose(got[:, c],
+                                   np.asarray(cs.sketch(jnp.asarray(
+                                       cols[:, c]))), rtol=1e-5, atol=1e-6)
+
+
+def test_from_tables_reproduces_hand_computed_sketch():
+    d, k = 300, 7
+    idx, sgn = random_tables(d, k, seed=2)
+    cs = so.CountSketch.from_tables(idx, sgn, output_dim=k)
+    assert cs.input_dim == d and cs.output_dim == k
+    assert cs.hash_indices.dtype == np.int32 and cs.hash_signs.dtype == np.int8
+    np.testing.assert_array_equal(cs.hash_indices, idx)
+    np.testing.assert_array_equal(cs.hash_signs, sgn)
+    v = np.random.default_rng(3).normal(size=d).astype(np.float32)
+    got = cs.sketch(jnp.asarray(v))
+    assert got.shape == (k,) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), hand_sketch(idx, sgn, v, k),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        so.CountSketch.from_tables(idx, sgn, output_dim=int(idx.max()))
+    with pytest.raises(ValueError):
+        so.CountSketch.from_tables(idx, sgn * 2, output_dim=k)
+    with pytest.raises(ValueError):
+        so.CountSketch.from_tables(idx, sgn[:-1], output_dim=k)
+
+
+def test_bytes_per_param():
+    assert so.CountSketch(1000, 8, seed=1).bytes_per_param == 0
+    assert so.CountSketch(1000, 8).hash_indices is None
+    idx, sgn = random_tables(1000, 8)
+    assert so.CountSketch.from_tables(idx, sgn, 8).bytes_per_param == 5
+
+
+def sgld_components(params, grads, initial, mask, key, *, lr, nbeta, wd, loc):
+    """Per-component flat float64 vectors of one step, by hand."""
+    _, step_key = jax.random.split(key)
+    comps = {"scaled_grad": [], "localization": [], "weight_decay": [],
+             "noise": []}
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    for i, (p, g, w0, m) in enumerate(zip(
+            leaves, treedef.flatten_up_to(grads),
+            treedef.flatten_up_to(initial), treedef.flatten_up_to(mask))):
+        w, w0, g, m = (np.asarray(x, np.float64) for x in (p, w0, g, m))
+        eta = np.asarray(jax.random.normal(jax.random.fold_in(step_key, i),
+                                           p.shape), np.float64)
+        comps["scaled_grad"].append((lr / 2 * nbeta * m * g).ravel())
+        comps["localization"].append((lr / 2 * loc * m * (w - w0)).ravel())
+        comps["weight_decay"].append((lr / 2 * wd * m * w).ravel())
+        comps["noise"].append((math.sqrt(lr) * m * eta).ravel())
+    return {k: np.concatenate(v) for k, v in comps.items()}
+
+
+@pytest.mark.parametrize("kind", ["dim", "prebuilt-hashed", "prebuilt-tables"])
+def test_sgld_sketches_are_sketches_of_the_components(kind):
+    rng = np.random.default_rng(4)
+    shapes = {"w": (6, 5), "b": (5,), "s": ()}
+    initial = {n: jnp.asarray(rng.normal(size=s), jnp.float32)
+               for n, s in shapes.items()}
+    params = jax.tree.map(
+        lambda x: x + jnp.asarray(rng.normal(size=x.shape), jnp.float32),
+        initial)
+    grads = jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), initial)
+    mask = {n: rng.random(size=s) < 0.7 for n, s in shapes.items()}
+    d, k = 36, 8
+    hp = dict(lr=1e-2, nbeta=5.0, wd=0.3, loc=2.0)
+    if kind == "dim":
+        cs, kwargs = so.CountSketch(d, k, seed=11), dict(sketch_dim=k,
+                                                           sketch_seed=11)
+    elif kind == "prebuilt-hashed":
+        cs = so.CountSketch(d, k, seed=4)
+        kwargs = dict(sketch=cs)
+    else:
+        cs = so.CountSketch.from_tables(*random_tables(d, k, 5), output_dim=k)
+        kwargs = dict(sketch=cs)
+    tx = so.sgld(hp["lr"], nbeta=hp["nbeta"], weight_decay=hp["wd"],
+                 localization=hp["loc"], mask=mask, key=8, **kwargs)
+    state = tx.init(initial)
+    _, new_state = jax.jit(tx.update)(grads, state, params)
+    buf = so.get_sketches(new_state)
+    comps = sgld_components(params, grads, initial, mask, state.key, **hp)
+    for field, vec in comps.items():
+        assert np.linalg.norm(vec) > 0, field
+        want = np.asarray(cs.sketch(jnp.asarray(vec, jnp.float32)))
+        np.testing.assert_allclose(np.asarray(getattr(buf, field)), want,
+                                   rtol=1e-5, atol=1e-6, err_msg=field)
+    np.testing.assert_array_equal(buf.unscaled_grad, buf.scaled_grad)
+    if kind == "prebuilt-tables":
+        np.testing.assert_allclose(
+            np.asarray(buf.noise),
+            hand_sketch(cs.hash_indices, cs.hash_signs, comps["noise"], k),
+            rtol=1e-5, atol=1e-6)
+
+
+def test_prebuilt_sketch_must_match_the_number_of_params():
+    tx = so.sgld(1e-2, nbeta=4.0, sketch=so.CountSketch(10, 4))
+    with pytest.raises(ValueError, match="input_dim"):
+        tx.init({"a": jnp.zeros((3, 4))})
+    with pytest.raises(ValueError, match="sketch_dim"):
+        so.sgld(1e-2, nbeta=4.0, sketch=so.CountSketch(12, 4), sketch_dim=5)
