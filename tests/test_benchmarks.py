@@ -1,0 +1,123 @@
+"""The benchmarks run: a tiny run of benchmarks/run.py, and gpu.py's fallback.
+
+These check that the benchmark scripts work, not how fast anything is.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+needs_devinterp = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None
+    or importlib.util.find_spec("devinterp") is None,
+    reason="the benchmarks compare against devinterp (torch extra)")
+
+
+def _run(args, timeout=240):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(
+        f"_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+@needs_devinterp
+def test_quick_run_writes_page_plot_and_results(tmp_path):
+    docs_before = sorted((ROOT / "docs").rglob("*"))
+    result = _run(["benchmarks/run.py", "--quick", "--out", str(tmp_path),
+                   "--json", str(tmp_path / "results.json")])
+    assert result.returncode == 0, result.stdout + result.stderr
+    page = (tmp_path / "benchmarks.md").read_text()
+    for heading in ("### Targets", "### Optimizer step", "### The floor",
+                    "### Memory", "### LLC end to end",
+                    "### Where our step's time goes"):
+        assert heading in page
+    assert "benchmark_step_time.png" in page
+    assert (tmp_path / "benchmark_step_time.png").read_bytes()[:8] == (
+        b"\x89PNG\r\n\x1a\n")
+    results = json.loads((tmp_path / "results.json").read_text())
+    (row,) = results["steps"]
+    for mode in ("plain", "metrics", "sketch"):
+        assert row["modes"][mode]["ours_ms"] > 0
+        assert row["modes"][mode]["devinterp_ms"] > 0
+    assert row["floor_ms"] > 0 and row["copy_ms"] > 0
+    # Both keep the initial params: 4 bytes per float32 param; devinterp's
+    # sketch tables add 12 more.
+    assert results["memory"]["plain"]["ours"]["per_param"] == pytest.approx(4)
+    assert results["memory"]["sketch"]["devinterp"]["per_param"] == (
+        pytest.approx(16))
+    llc = results["llc"]
+    if "skipped" not in llc:
+        assert llc["ours_warm_s"] > 0 and llc["devinterp_warm_s"] > 0
+    assert len(results["targets"]) == 11
+    # A --out run leaves the docs alone.
+    assert sorted((ROOT / "docs").rglob("*")) == docs_before
+
+
+def test_page_keeps_text_outside_the_markers(tmp_path):
+    run = _load("run")
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"# Title\n\nintro\n\n{run.BEGIN}\nold\n{run.END}\n\n"
+                    "## Notes\n\nhand-written\n")
+    run.write_page(str(page), "new table")
+    text = page.read_text()
+    assert "intro" in text and "hand-written" in text
+    assert "new table" in text and "old" not in text
+    fresh = tmp_path / "fresh.md"
+    run.write_page(str(fresh), "table")
+    assert run.BEGIN in fresh.read_text() and "table" in fresh.read_text()
+
+
+def test_sizes_and_shapes():
+    bl = _load("bench_lib")
+    assert bl.parse_size("4M") == 4 << 20
+    assert bl.parse_size("64K") == 65536
+    assert bl.parse_size("20000") == 20000
+    with pytest.raises(ValueError):
+        bl.parse_size("lots")
+    params, _ = bl.make_arrays(4 << 20)
+    n = bl.num_params(params)
+    assert abs(n - (4 << 20)) / (4 << 20) < 0.01
+    assert params["attn_qkv"].shape == (512, 1536)
+
+
+def test_gpu_script_says_why_without_a_gpu():
+    has_gpu = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices('gpu')"],
+        capture_output=True).returncode == 0
+    if has_gpu:
+        pytest.skip("a GPU is present")
+    result = _run(["benchmarks/gpu.py", "--sizes", "4K"], timeout=120)
+    assert result.returncode == 2
+    assert "needs a CUDA GPU" in result.stderr
+
+
+@needs_devinterp
+def test_gpu_script_runs_on_cpu_when_allowed(tmp_path):
+    # devinterp's side is the step run.py times, checked above.
+    out = tmp_path / "gpu.md"
+    result = _run(["benchmarks/gpu.py", "--allow-cpu", "--sizes", "4K",
+                   "--modes", "plain", "--repeats", "1", "--inner", "2",
+                   "--no-torch", "--out", str(out)], timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = out.read_text()
+    assert "| plain |" in text and "copy of the params" in text
