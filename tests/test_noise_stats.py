@@ -350,3 +350,29 @@ def test_prebuilt_sketch_must_match_the_number_of_params():
         tx.init({"a": jnp.zeros((3, 4))})
     with pytest.raises(ValueError, match="sketch_dim"):
         so.sgld(1e-2, nbeta=4.0, sketch=so.CountSketch(12, 4), sketch_dim=5)
+
+
+@pytest.mark.parametrize("make_key", [lambda s: jax.random.key(s),
+                                      lambda s: jax.random.PRNGKey(s)])
+def test_written_out_split_and_fold_in_equal_jax(make_key):
+    """The sampler derives its keys without JAX's rolled loop, same values."""
+
+    def data(k):
+        if jnp.issubdtype(k.dtype, jax.dtypes.prng_key):
+            return np.asarray(jax.random.key_data(k))
+        return np.asarray(k)
+
+    for seed in (0, 1, 2**31 + 5):
+        key = make_key(seed)
+        ours, theirs = noise_lib.split(key), jax.random.split(key)
+        for a, b in zip(ours, theirs):
+            np.testing.assert_array_equal(data(a), data(b))
+            assert a.dtype == b.dtype
+        for i in (0, 1, 17, 2**20 + 3):
+            np.testing.assert_array_equal(data(noise_lib.fold_in(key, i)),
+                                          data(jax.random.fold_in(key, i)))
+    # Batched keys, as in vmapped chains.
+    keys = jax.random.split(jax.random.key(9), 5)
+    got = jax.vmap(lambda k: jax.random.key_data(noise_lib.split(k)[1]))(keys)
+    want = jax.vmap(lambda k: jax.random.key_data(jax.random.split(k)[1]))(keys)
+    np.testing.assert_array_equal(got, want)

@@ -81,6 +81,42 @@ def key_words(key: jax.Array):
     return data[..., 0], data[..., 1]
 
 
+def _with_words(key: jax.Array, y0, y1) -> jax.Array:
+    """A key like ``key`` (typed or raw) holding the words ``y0, y1``."""
+    data = jnp.stack([y0, y1], axis=-1)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(data, impl="threefry2x32")
+    return data
+
+
+def fold_in(key: jax.Array, data: int) -> jax.Array:
+    """``jax.random.fold_in(key, data)`` with the Threefry rounds written out.
+
+    For a Threefry key the result is the key ``threefry2x32(key, (0, data))``,
+    equal to JAX's own; other keys use ``jax.random.fold_in``.
+    """
+    words = key_words(key)
+    if words is None:
+        return jax.random.fold_in(key, data)
+    zero = jnp.zeros_like(words[0])
+    return _with_words(key, *threefry2x32(words[0], words[1], zero,
+                                           zero + np.uint32(data)))
+
+
+def split(key: jax.Array):
+    """``jax.random.split(key)`` (two keys) with the Threefry rounds written out.
+
+    With JAX's default ``jax_threefry_partitionable``, key ``j`` of the split
+    is ``threefry2x32(key, (0, j))``; this computes the same two keys without
+    the rolled loop JAX lowers the rounds to on CPU. Other keys use
+    ``jax.random.split``.
+    """
+    words = key_words(key)
+    if words is None or not jax.config.jax_threefry_partitionable:
+        return tuple(jax.random.split(key))
+    return fold_in(key, 0), fold_in(key, 1)
+
+
 def random_bits(key: jax.Array, shape) -> jax.Array:
     """uint32 bits equal to ``jax.random.bits(key, shape)`` for a Threefry key."""
     words = key_words(key)

@@ -333,7 +333,7 @@ def sgld(
 
         lr = _value(learning_rate, state.count)
         nb = _value(nbeta, state.count)
-        new_key, step_key = jax.random.split(state.key)
+        new_key, step_key = noise_lib.split(state.key)
 
         out, comps, dists = [], [], []
         for i, (p, g, m, w0) in enumerate(zip(p_leaves, g_leaves, m_leaves,
@@ -350,7 +350,7 @@ def sgld(
             wd = (half_lr * (w * jnp.asarray(weight_decay, cd))
                   if use_wd else None)
             eta = noise_lib.standard_normal(
-                jax.random.fold_in(step_key, i), p.shape, jnp.float32
+                noise_lib.fold_in(step_key, i), p.shape, jnp.float32
                 if cd == jnp.float32 else cd)
             xi = (jnp.sqrt(jnp.asarray(lr, cd)) * jnp.asarray(noise_level, cd)
                   ) * eta.astype(cd)
