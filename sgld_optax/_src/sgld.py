@@ -106,15 +106,20 @@ def _is_python_zero(value) -> bool:
             and not isinstance(value, bool) and value == 0)
 
 
+def _flatten_like(treedef, tree, name: str) -> list:
+    """The subtrees of ``tree`` at the leaves of ``treedef`` (``None`` kept)."""
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{name} must have the structure of params: params is {treedef}, "
+            f"{name} is {jax.tree_util.tree_structure(tree)}.") from err
+
+
 def _check_mask(mask, params):
     """Checks that ``mask`` has the structure and leaf shapes of ``params``."""
     p_paths, p_def = jax.tree_util.tree_flatten_with_path(params)
-    try:
-        m_leaves = p_def.flatten_up_to(mask)
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            "mask must have the structure of params: params is "
-            f"{p_def}, mask is {jax.tree_util.tree_structure(mask)}.") from err
+    m_leaves = _flatten_like(p_def, mask, "mask")
     problems = []
     for (path, p), m in zip(p_paths, m_leaves):
         shape = np.shape(m)
@@ -319,13 +324,7 @@ def sgld(
                 "sgld needs the current params: call update(grads, state, "
                 "params).")
         p_leaves, treedef = jax.tree_util.tree_flatten(params)
-        try:
-            g_leaves = treedef.flatten_up_to(updates)
-        except (ValueError, TypeError) as err:
-            raise ValueError(
-                "grads must have the structure of params: params is "
-                f"{treedef}, grads is {jax.tree_util.tree_structure(updates)}."
-            ) from err
+        g_leaves = _flatten_like(treedef, updates, "grads")
         m_leaves = (treedef.flatten_up_to(mask) if mask is not None
                     else [None] * len(p_leaves))
         w0_leaves = (treedef.flatten_up_to(state.initial_params)
