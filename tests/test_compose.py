@@ -763,3 +763,38 @@ def test_default_nbeta_matches_devinterp(batch_size, steps):
 def test_default_nbeta_warns_when_undefined(batch_size, steps):
     with pytest.warns(UserWarning, match="undefined"):
         assert so.default_nbeta(batch_size, steps) == 1.0
+
+
+@pytest.mark.parametrize("name", ["learning_rate", "nbeta", "weight_decay",
+                                  "localization", "bounding_box_size"])
+def test_non_finite_hyperparameters_are_rejected(name):
+    kwargs = {"learning_rate": 0.1, "nbeta": 2.0, name: float("inf")}
+    lr = kwargs.pop("learning_rate")
+    with pytest.raises(ValueError, match=f"{name} must be finite"):
+        so.sgld(lr, **kwargs)
+
+
+def test_mask_values_must_be_zero_or_one():
+    with pytest.raises(ValueError, match="mask values must be 0 or 1"):
+        so.sgld(0.1, nbeta=2.0, mask={"a": jnp.array([2.0, 0.0])})
+    # Bools and 0/1 numbers are fine.
+    so.sgld(0.1, nbeta=2.0, mask={"a": jnp.array([1.0, 0.0])})
+    so.sgld(0.1, nbeta=2.0, mask={"a": jnp.array([True, False])})
+
+
+def test_inject_hyperparams_without_static_key_says_how():
+    tx = optax.inject_hyperparams(so.sgld)(0.1, nbeta=2.0)
+    params = {"a": jnp.ones(3)}
+    state = tx.init(params)
+    with pytest.raises(TypeError, match="static_args=\\('key',\\)"):
+        jax.jit(tx.update)(params, state, params)
+
+
+def test_noise_follows_jax_when_threefry_is_not_partitionable():
+    from sgld_optax._src import noise as noise_lib
+
+    key = jax.random.key(4)
+    with jax.threefry_partitionable(False):
+        np.testing.assert_array_equal(
+            noise_lib.standard_normal(key, (4, 5)),
+            jax.random.normal(key, (4, 5)))

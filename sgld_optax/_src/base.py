@@ -54,6 +54,8 @@ def check_scalar(name: str, value: Any, *, positive: bool = False,
         kind = "a number or a schedule" if allow_schedule else "a number"
         raise TypeError(f"{name} must be {kind}, got {value!r}.")
     v = float(arr)
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}.")
     if positive and not v > 0:
         raise ValueError(f"{name} must be > 0, got {v}.")
     if non_negative and not v >= 0:
@@ -63,3 +65,51 @@ def check_scalar(name: str, value: Any, *, positive: bool = False,
 def compute_dtype(dtype) -> jnp.dtype:
     """The dtype the update is computed in: at least float32."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def as_key(key: Any, *, typed: bool = False) -> Array:
+    """A PRNG key from an int seed, a typed key or a legacy ``PRNGKey``.
+
+    Args:
+      key: an int seed, a scalar typed key (``jax.random.key``) or a legacy
+        uint32 ``(2,)`` key (``jax.random.PRNGKey``).
+      typed: return a typed key even for a legacy one (wrapped as Threefry,
+        the implementation legacy keys come from).
+
+    Raises:
+      TypeError: for anything else, with a hint where the key is a tracer
+        (``optax.inject_hyperparams`` without ``static_args=("key",)``).
+    """
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    if isinstance(key, jax.core.Tracer) and not jnp.issubdtype(
+            key.dtype, jax.dtypes.prng_key):
+        raise TypeError(
+            "key is a traced integer; with optax.inject_hyperparams pass "
+            "static_args=('key',) (plus 'sketch_dim' and 'sketch_seed' when "
+            "sketching).")
+    if isinstance(key, (jax.Array, np.ndarray)):
+        if key.shape == () and jnp.issubdtype(key.dtype, jnp.integer):
+            return jax.random.key(int(key))
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            if key.shape != ():
+                raise ValueError(
+                    f"key must be a single PRNG key, got shape {key.shape}; "
+                    "for several chains vmap over state._replace(key=k).")
+            return key
+        if key.dtype == np.uint32 and key.shape == (2,):
+            key = jnp.asarray(key)
+            return (jax.random.wrap_key_data(key, impl="threefry2x32")
+                    if typed else key)
+    raise TypeError(
+        "key must be an int seed or a single JAX PRNG key (jax.random.key or "
+        f"jax.random.PRNGKey), got {key!r}.")
+
+
+def fmix32(x):
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))

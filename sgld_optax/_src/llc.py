@@ -221,20 +221,6 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def _as_key(key) -> jax.Array:
-    """A typed PRNG key from an int seed, a typed key or a legacy key."""
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return jax.random.key(int(key))
-    if isinstance(key, (jax.Array, np.ndarray)):
-        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
-            return key
-        if key.dtype == np.uint32 and key.shape == (2,):
-            return jax.random.wrap_key_data(jnp.asarray(key))
-    raise TypeError(
-        "key must be an int seed or a single JAX PRNG key (jax.random.key or "
-        f"jax.random.PRNGKey), got {key!r}.")
-
-
 def _is_array_like(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(
         x, "__array__")
@@ -315,15 +301,6 @@ def _chain_sharding(num_chains: int):
 _FEISTEL_ROUNDS = 8
 
 
-def _mix32(x):
-    """A 32-bit integer hash with good avalanche (MurmurHash3's finaliser)."""
-    x = x ^ (x >> np.uint32(16))
-    x = x * np.uint32(0x85EBCA6B)
-    x = x ^ (x >> np.uint32(13))
-    x = x * np.uint32(0xC2B2AE35)
-    return x ^ (x >> np.uint32(16))
-
-
 def shuffled_index(key: jax.Array, positions: jax.Array, n: int) -> jax.Array:
     """Entries ``positions`` of a pseudo-random permutation of ``[0, n)``.
 
@@ -355,7 +332,7 @@ def shuffled_index(key: jax.Array, positions: jax.Array, n: int) -> jax.Array:
     def permute(x):
         left, right = x >> np.uint32(half), x & low
         for r in range(_FEISTEL_ROUNDS):
-            left, right = right, left ^ (_mix32(right ^ round_keys[r]) & low)
+            left, right = right, left ^ (base.fmix32(right ^ round_keys[r]) & low)
         return (left << np.uint32(half)) | right
 
     def walk(x):
@@ -661,7 +638,9 @@ def estimate_llc(
     whether ``bounding_box_size``/``mask`` are given reuses it, whatever the
     ``key``, ``learning_rate``, ``nbeta``, ``localization``,
     ``weight_decay``, ``noise_level``, ``bounding_box_size`` and ``mask``
-    values. Pass a named function, not a fresh lambda each call.
+    values (numbers; a ``learning_rate`` schedule is part of the cache key,
+    so pass the same schedule object to reuse the program). Dtypes count as
+    shapes. Pass a named function, not a fresh lambda each call.
 
     Choosing hyperparameters: the step size must be small against the
     posterior's curvature (too large inflates the estimate), localization
@@ -751,7 +730,7 @@ def estimate_llc(
                              for x in leaves):
         raise TypeError("params must be a non-empty pytree of arrays.")
     params = jax.tree.map(jnp.asarray, params)
-    key = _as_key(key)
+    key = base.as_key(key, typed=True)
 
     if _is_one_shot_iterator(data):
         raise TypeError(

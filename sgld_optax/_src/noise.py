@@ -7,7 +7,8 @@ noise. Here the same 20 rounds are written out, so that the bits, the
 transform to a normal and the SGLD update compile into one elementwise loop.
 
 The stream is the one ``jax.random.bits`` draws for a Threefry key with
-``jax_threefry_partitionable`` (the default): element ``i`` (row-major flat
+``jax_threefry_partitionable`` (the default; with it off, the noise comes
+from ``jax.random.normal``): element ``i`` (row-major flat
 index) is the XOR of the two words of ``threefry2x32(key, (0, i))``. The bits
 are then mapped to a float32 uniform on ``[-1, 1)`` and through
 :math:`\\sqrt{2}\\,\\mathrm{erf}^{-1}`, as ``jax.random.normal`` does. Keys of
@@ -146,7 +147,8 @@ def standard_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     dtype = jnp.dtype(dtype)
     words = key_words(key)
     fused = (words is not None and dtype.itemsize <= 4
-             and math.prod(shape) < 2**32)
+             and math.prod(shape) < 2**32
+             and jax.config.jax_threefry_partitionable)
     if not fused:
         if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.wrap_key_data(key)

@@ -84,23 +84,6 @@ def default_nbeta(batch_size: Any, gradient_accumulation_steps: int = 1) -> floa
     return m / math.log(m)
 
 
-def _as_key(key) -> jax.Array:
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return jax.random.key(int(key))
-    if isinstance(key, (jax.Array, np.ndarray)):
-        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-            if key.shape != ():
-                raise ValueError(
-                    f"key must be a single PRNG key, got shape {key.shape}; "
-                    "for several chains vmap over state._replace(key=k).")
-            return key
-        if key.dtype == jnp.uint32 and key.shape == (2,):
-            return jnp.asarray(key)
-    raise TypeError(
-        "key must be an int seed or a JAX PRNG key (jax.random.key or "
-        f"jax.random.PRNGKey), got {key!r}.")
-
-
 def _is_python_zero(value) -> bool:
     return (isinstance(value, (int, float, np.integer, np.floating))
             and not isinstance(value, bool) and value == 0)
@@ -211,12 +194,15 @@ def sgld(
         total number of params.
       key: int seed or JAX PRNG key of the noise. A Threefry key (the
         default) uses a fused generator; ``rbg`` keys use
-        ``jax.random.normal``.
+        ``jax.random.normal``. Two samplers with the same key draw the same
+        noise: give each ``sgld`` in a pipeline (e.g. each partition of
+        ``optax.multi_transform``) and each chain its own key.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
-      ``params``; ``update.hyperparams`` is a read-only mapping of the
-      arguments above. Its state is an :class:`SGLDState`. ``initial_params`` is
+      ``params``; ``update.hyperparams`` is a read-only mapping of
+      ``learning_rate``, ``nbeta``, ``noise_level``, ``weight_decay``,
+      ``localization``, ``bounding_box_size`` and ``mask``. Its state is an :class:`SGLDState`. ``initial_params`` is
       kept only when localization is not a literal 0, a bounding box is set,
       or metrics or sketches are recorded.
 
@@ -270,6 +256,11 @@ def sgld(
                 leaf, jax.core.Tracer) else leaf.dtype
             if not (dt == bool or np.issubdtype(dt, np.number)):
                 raise TypeError(f"mask leaves must be bool or 0/1 numbers, got {dt}.")
+            if (not isinstance(leaf, jax.core.Tracer)
+                    and not np.isin(np.asarray(leaf), (0, 1)).all()):
+                raise ValueError(
+                    "mask values must be 0 or 1 (or bools): a mask restricts "
+                    "which elements move, it does not scale them.")
 
     if (v := base.concrete_float(noise_level)) is not None and v != 1.0:
         warnings.warn(
@@ -280,7 +271,7 @@ def sgld(
             "nbeta is 1: LLC estimates will be off unless that is intended; "
             "see sgld_optax.default_nbeta.", UserWarning, stacklevel=2)
 
-    _as_key(key)  # Validates now; init builds the key.
+    base.as_key(key)  # Validates now; init builds the key.
     sketching = sketch is not None or sketch_dim is not None
     use_box = bounding_box_size is not None
     use_loc = not _is_python_zero(localization)
@@ -305,7 +296,7 @@ def sgld(
             get_sketch(sum(int(np.size(x)) for x in leaves))
         return SGLDState(
             count=jnp.zeros((), jnp.int32),
-            key=_as_key(key),
+            key=base.as_key(key),
             # A copy, so that donating the params to a later step cannot
             # free the buffers w0 lives in.
             initial_params=(jax.tree.map(lambda x: jnp.array(x, copy=True),
@@ -349,10 +340,9 @@ def sgld(
             wd = (half_lr * (w * jnp.asarray(weight_decay, cd))
                   if use_wd else None)
             eta = noise_lib.standard_normal(
-                noise_lib.fold_in(step_key, i), p.shape, jnp.float32
-                if cd == jnp.float32 else cd)
+                noise_lib.fold_in(step_key, i), p.shape, cd)
             xi = (jnp.sqrt(jnp.asarray(lr, cd)) * jnp.asarray(noise_level, cd)
-                  ) * eta.astype(cd)
+                  ) * eta
             if m is not None:
                 mm = jnp.asarray(m).astype(cd)
                 sg, xi = sg * mm, xi * mm
@@ -378,6 +368,10 @@ def sgld(
             numel = sum(int(np.size(p)) if m is None
                         else jnp.count_nonzero(m).astype(jnp.int32)
                         for p, m in zip(p_leaves, m_leaves))
+            if sum(int(np.size(p)) for p in p_leaves) >= 2**31:
+                raise ValueError(
+                    "save_metrics counts parameters in int32, and these "
+                    "params have 2**31 or more elements.")
             new_metrics = metrics_lib.metrics_from_components(
                 comps, dists, numel)
 

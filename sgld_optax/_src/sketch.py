@@ -36,20 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 import numpy.typing  # noqa: F401
 
+from sgld_optax._src import base
+
 SKETCH_FIELDS = ("scaled_grad", "unscaled_grad", "localization",
                  "weight_decay", "noise")
 
-_M1 = np.uint32(0x85EBCA6B)
-_M2 = np.uint32(0xC2B2AE35)
-
-
-def _fmix32(x):
-    """The murmur3 32-bit finaliser, a bijection with full avalanche."""
-    x = x ^ (x >> np.uint32(16))
-    x = x * _M1
-    x = x ^ (x >> np.uint32(13))
-    x = x * _M2
-    return x ^ (x >> np.uint32(16))
+_fmix32 = base.fmix32
 
 
 def _fmix32_np(x: int) -> np.uint32:
