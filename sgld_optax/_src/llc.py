@@ -351,7 +351,8 @@ class _Chains(NamedTuple):
     """The carry of the sampling loop; every field has a leading chain axis."""
 
     params: Any          # the params pytree, (num_chains, ...) per leaf
-    opt_state: Any       # SGLDState, vmapped
+    opt_state: Any       # SGLDState, vmapped, without initial_params: every
+                         # chain starts at the same w*, kept once (_step_all)
     data_key: jax.Array  # typed PRNG key per chain, for minibatch order
     diverged: jax.Array  # bool (num_chains,)
 
@@ -393,20 +394,28 @@ def _init_chains(static, hyper, mask, params, key, chain_ids):
     def one(i):
         sgld_key, data_key = jax.random.split(jax.random.fold_in(key, i))
         return _Chains(params=params,
-                       opt_state=state._replace(key=sgld_key),
+                       opt_state=state._replace(key=sgld_key,
+                                                initial_params=None),
                        data_key=data_key,
                        diverged=jnp.zeros((), bool))
 
     return tx, _constrain(jax.vmap(one)(chain_ids), static.sharding)
 
 
-def _step_all(static, tx, chains: _Chains, batches, batch_axis=0):
+def _step_all(static, tx, chains: _Chains, w_star, batches, batch_axis=0):
     """Steps every chain on its own batch (leading chain axis), or on one
-    shared batch when ``batch_axis`` is ``None``."""
+    shared batch when ``batch_axis`` is ``None``.
+
+    The chains' initial params are all ``w_star``: it is given to each
+    chain's sgld state for the step, unbatched, rather than stored once per
+    chain.
+    """
 
     def one(c: _Chains, batch):
-        params, opt_state, loss = _sgld_step(tx, static.loss_fn, c.params,
-                                             c.opt_state, batch)
+        params, opt_state, loss = _sgld_step(
+            tx, static.loss_fn, c.params,
+            c.opt_state._replace(initial_params=w_star), batch)
+        opt_state = opt_state._replace(initial_params=None)
         metrics = (sgld_lib.get_metrics(opt_state) if static.save_metrics
                    else None)
         c = c._replace(params=params, opt_state=opt_state,
@@ -445,7 +454,8 @@ def _sample_in_memory(static: _Static, hyper: _Hyper, mask, params, data, key,
     def step(chains: _Chains, t):
         if bs == n:
             # Full-batch steps: the order of the examples does not matter.
-            return _step_all(static, tx, chains, data, batch_axis=None)
+            return _step_all(static, tx, chains, params, data,
+                             batch_axis=None)
         epoch, pos = t // steps_per_epoch, t % steps_per_epoch
         # Each chain goes through its own random permutation of the data,
         # a new one every epoch, batch_size examples per step.
@@ -453,7 +463,7 @@ def _sample_in_memory(static: _Static, hyper: _Hyper, mask, params, data, key,
         index = jax.vmap(lambda k: shuffled_index(
             jax.random.fold_in(k, epoch), positions, n))(chains.data_key)
         batches = jax.tree.map(lambda x: jnp.take(x, index, axis=0), data)
-        return _step_all(static, tx, chains, batches)
+        return _step_all(static, tx, chains, params, batches)
 
     burnin, every = static.num_burnin_steps, static.num_steps_bw_draws
     num_draws = static.num_draws
@@ -508,8 +518,9 @@ def _init_streamed(static, hyper, mask, params, key, chain_ids):
 
 
 @functools.partial(jax.jit, static_argnames=("static",), donate_argnums=(3,))
-def _step_streamed(static, hyper, mask, chains, batches):
-    return _step_all(static, _sampler(static, hyper, mask), chains, batches)
+def _step_streamed(static, hyper, mask, chains, params, batches):
+    return _step_all(static, _sampler(static, hyper, mask), chains, params,
+                     batches)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn",))
@@ -565,13 +576,13 @@ def _sample_streamed(static, hyper, mask, params, data, key, chain_ids, bar):
 
     burn_metrics, losses, draw_metrics = [], [], []
     for _ in range(static.num_burnin_steps):
-        chains, (_, m) = _step_streamed(static, hyper, mask, chains,
+        chains, (_, m) = _step_streamed(static, hyper, mask, chains, params,
                                         next_stack())
         burn_metrics.append(m)
     for _ in range(static.num_draws):
         for s in range(static.num_steps_bw_draws):
             chains, (loss, m) = _step_streamed(static, hyper, mask, chains,
-                                               next_stack())
+                                               params, next_stack())
             if s == 0:
                 losses.append(loss)
             draw_metrics.append(m)
