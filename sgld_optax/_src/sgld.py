@@ -183,7 +183,7 @@ def sgld(
       bounding_box_size: half-width :math:`b` (> 0) of the box around
         :math:`w_0` the params are clamped to, or ``None`` for no box.
       mask: ``None`` or a pytree with the params' structure and shapes, of
-        bools or 0/1 numbers: only elements where it is nonzero move.
+        bools or 0/1 numbers: only elements where it is 1 move.
       save_metrics: record :class:`Metrics` of each step in the state (read
         them with :func:`get_metrics`).
       sketch_dim: record count sketches of dimension ``sketch_dim`` of each
@@ -202,9 +202,10 @@ def sgld(
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
       ``params``; ``update.hyperparams`` is a read-only mapping of
       ``learning_rate``, ``nbeta``, ``noise_level``, ``weight_decay``,
-      ``localization``, ``bounding_box_size`` and ``mask``. Its state is an :class:`SGLDState`. ``initial_params`` is
-      kept only when localization is not a literal 0, a bounding box is set,
-      or metrics or sketches are recorded.
+      ``localization``, ``bounding_box_size`` and ``mask``. Its state is an
+      :class:`SGLDState`; ``initial_params`` is kept only when localization
+      is not a literal 0, a bounding box is set, or metrics or sketches are
+      recorded.
 
     Raises:
       ValueError, TypeError: for invalid hyperparameters, naming the argument.
