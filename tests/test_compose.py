@@ -8,7 +8,6 @@ float64 with NumPy, with the noise of leaf ``i`` reconstructed as
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -25,19 +24,11 @@ import optax
 import pytest
 
 import sgld_optax as so
+from sgld_testing import quiet_sgld_warnings
 
 EPS = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
 
 
-@contextlib.contextmanager
-def quiet_sgld_warnings():
-    """Silences the warnings sgld gives for noise_level != 1 and nbeta == 1."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="noise_level=",
-                                category=UserWarning)
-        warnings.filterwarnings("ignore", message="nbeta is 1",
-                                category=UserWarning)
-        yield
 
 
 def make_params(dtype=jnp.float32, seed=0):

@@ -16,8 +16,6 @@ update is checked against the same rule in ``test_compose.py``.
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 
 import chex
 import jax
@@ -29,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sgld_optax as so
+from sgld_testing import quiet_sgld_warnings
 from sgld_optax._src import metrics as metrics_lib
 
 SETTINGS = settings(deadline=None, max_examples=40, derandomize=True,
@@ -48,15 +47,6 @@ TINY = {"float32": 1e-30, "bfloat16": 1e-30, "float16": 6e-8, "float64": 0.0}
 SHAPES = [(), (1,), (3,), (2, 3), (2, 1, 3), (4, 2)]
 
 
-@contextlib.contextmanager
-def quiet_sgld_warnings():
-    """Silences the warnings sgld gives for noise_level != 1 and nbeta == 1."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="noise_level=",
-                                category=UserWarning)
-        warnings.filterwarnings("ignore", message="nbeta is 1",
-                                category=UserWarning)
-        yield
 
 
 def as_tree(leaves):

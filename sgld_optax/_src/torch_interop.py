@@ -25,6 +25,7 @@ norm-layer ``weight``             ``scale``
 from __future__ import annotations
 
 import collections
+import importlib.util
 import math
 import os
 import pickle
@@ -48,15 +49,6 @@ from sgld_optax._src.sketch import CountSketch
 PyTree = Any
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = [
-    "CheckpointMismatchError",
-    "devinterp_count_sketch",
-    "params_from_torch",
-    "params_to_torch",
-    "save_torch_checkpoint",
-    "sgld_state_from_torch",
-    "sgld_state_to_torch",
-]
 
 INSTALL_HINT = "pip install 'sgld_optax[torch]'"
 
@@ -1327,11 +1319,7 @@ def _devinterp_tables(input_dim: int, output_dim: int, seed: int,
     ``manual_seed`` keeps the low 32 bits of the seed.
     """
     if use_torch is None:
-        try:
-            import torch  # pylint: disable=import-outside-toplevel
-            use_torch = True
-        except ImportError:
-            use_torch = False
+        use_torch = importlib.util.find_spec("torch") is not None
     if use_torch:
         torch = _require_torch("devinterp_count_sketch")
         gen = torch.Generator().manual_seed(seed)
