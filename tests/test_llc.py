@@ -36,19 +36,23 @@ from sgld_optax._src import llc as llc_lib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(
+        name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The deep linear network problems and loss are the example's own.
+llc_dln = _load_example("llc_dln")
+
+
 # Module-level loss functions, so that tests sharing shapes and settings share
 # compiled programs.
 def linreg_loss(w, batch):
     x, y = batch
     return 0.5 * jnp.mean(jnp.sum((x @ w - y) ** 2, axis=-1))
-
-
-def dln_loss(weights, batch):
-    x, y = batch
-    h = x
-    for w in weights:
-        h = h @ w.T
-    return 0.5 * jnp.mean(jnp.sum((h - y) ** 2, axis=-1))
 
 
 def regression_problem(d_in, d_out, n, seed=0):
@@ -59,27 +63,6 @@ def regression_problem(d_in, d_out, n, seed=0):
     w_star = np.linalg.lstsq(x, y, rcond=None)[0]
     return (jnp.asarray(w_star, jnp.float32),
             (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)))
-
-
-def dln_problem(widths, rank, n=256, scale=0.5, seed=0):
-    """Noiseless deep linear network data and a deepest true parameter.
-
-    Layer i is ``scale * Q_{i+1} Q_i^T`` with ``Q_i`` an orthonormal
-    ``H_i x rank`` frame, so every layer has rank exactly ``rank`` and so has
-    their product.
-    """
-    rng = np.random.default_rng(seed)
-    frames = [np.linalg.qr(rng.normal(size=(h, max(rank, 1))))[0][:, :rank]
-              for h in widths]
-    weights = [scale * frames[i + 1] @ frames[i].T
-               for i in range(len(widths) - 1)]
-    product = np.eye(widths[0])
-    for w in weights:
-        product = w @ product
-    x = rng.normal(size=(n, widths[0]))
-    return ([jnp.asarray(w, jnp.float32) for w in weights],
-            (jnp.asarray(x, jnp.float32),
-             jnp.asarray(x @ product.T, jnp.float32)))
 
 
 SMALL_W, SMALL_DATA = regression_problem(3, 2, 300, seed=1)
@@ -118,9 +101,9 @@ def test_regular_regression_is_d_over_2():
 def test_deep_linear_network_matches_aoyagi(widths, rank):
     truth = so.aoyagi_learning_coefficient(widths, rank)
     assert truth.multiplicity == 1
-    weights, data = dln_problem(widths, rank)
+    weights, data = llc_dln.deepest_point(widths, rank)
     result = so.estimate_llc(
-        dln_loss, weights, data, key=0, learning_rate=5e-5, nbeta=1e4,
+        llc_dln.dln_loss, weights, data, key=0, learning_rate=5e-5, nbeta=1e4,
         localization=10.0, num_chains=4, num_draws=4000,
         num_burnin_steps=1000, batch_size=256, progress=False)
     assert result.init_loss < 1e-10
@@ -540,14 +523,6 @@ def test_shuffled_index_is_uniform_and_changes_with_the_key():
 
 # ---------------------------------------------------------------------------
 # Examples.
-
-
-def _load_example(name):
-    spec = importlib.util.spec_from_file_location(
-        name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_llc_dln_example(tmp_path, capsys):
