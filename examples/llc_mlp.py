@@ -94,36 +94,34 @@ def _nbeta(data):
     return n / math.log(n)
 
 
-def nnx_llc(data, seed, train_steps, num_draws):
-    model = NNXMLP(nnx.Rngs(seed))
-    graphdef, params = nnx.split(model, nnx.Param)
+def fit_and_estimate(apply, params, data, seed, train_steps, num_draws):
+    """Trains ``apply(params, x)`` on ``data``, then estimates its LLC."""
 
     def loss_fn(params, batch):
         x, y = batch
-        prediction = nnx.merge(graphdef, params)(x)
-        return 0.5 * jnp.mean(jnp.sum((prediction - y) ** 2, axis=-1))
+        return 0.5 * jnp.mean(jnp.sum((apply(params, x) - y) ** 2, axis=-1))
 
     params, final = train(loss_fn, params, data, train_steps)
     result = so.estimate_llc(loss_fn, params, data, key=seed,
                              nbeta=_nbeta(data), num_draws=num_draws,
                              progress=False, **SGLD)
     return final, result
+
+
+def nnx_llc(data, seed, train_steps, num_draws):
+    model = NNXMLP(nnx.Rngs(seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return fit_and_estimate(
+        lambda params, x: nnx.merge(graphdef, params)(x), params, data, seed,
+        train_steps, num_draws)
 
 
 def linen_llc(data, seed, train_steps, num_draws):
     model = LinenMLP()
     params = model.init(jax.random.key(seed), data[0][:1])["params"]
-
-    def loss_fn(params, batch):
-        x, y = batch
-        prediction = model.apply({"params": params}, x)
-        return 0.5 * jnp.mean(jnp.sum((prediction - y) ** 2, axis=-1))
-
-    params, final = train(loss_fn, params, data, train_steps)
-    result = so.estimate_llc(loss_fn, params, data, key=seed,
-                             nbeta=_nbeta(data), num_draws=num_draws,
-                             progress=False, **SGLD)
-    return final, result
+    return fit_and_estimate(
+        lambda params, x: model.apply({"params": params}, x), params, data,
+        seed, train_steps, num_draws)
 
 
 def main(train_steps: int = 2000, num_draws: int = 2000, seed: int = 0,
