@@ -472,8 +472,9 @@ def _tags(body: str, comps, depth=0) -> set:
         tags.add("threefry")
     if "2246822507" in body:  # murmur3 finaliser constant: sketch hash
         tags.add("hash")
-    if "log-plus-one(" in body or " log(" in body:
-        tags.add("erf_inv")
+    if ("count-leading-zeros(" in body or "log-plus-one(" in body
+            or " log(" in body):
+        tags.add("transform")
     if " scatter(" in body:
         tags.add("scatter")
     if " reduce(" in body or "reduce_sum" in body or "__ynn_fusion" in body:
@@ -492,8 +493,8 @@ def xla_kernel_profile(call: Callable[[], None], hlo_text: str,
     Runs ``call`` ``calls`` times under ``jax.profiler.trace`` and matches
     the trace's events to the instructions of the compiled HLO's entry
     computation. Each kernel is tagged by what its fused computation
-    contains: ``threefry`` (noise bits), ``erf_inv`` (the normal
-    transform's log), ``reduce``, ``scatter``, ``hash`` (sketch buckets).
+    contains: ``threefry`` (noise bits), ``transform`` (the normal
+    transform's logarithm), ``reduce``, ``scatter``, ``hash`` (sketch buckets).
 
     Returns:
       A dict: ``top``, rows ``(name, ms per call, tags, op_name)`` longest
@@ -550,14 +551,14 @@ def xla_kernel_profile(call: Callable[[], None], hlo_text: str,
 
 
 KINDS = ("scatter-add", "sketch hash (with the noise recomputed in it)",
-         "reductions", "noise (Threefry bits, erf_inv)",
+         "reductions", "noise (Threefry bits, normal transform)",
          "other elementwise (update, temporaries)")
 
 
 def _by_kind(rows) -> Dict[str, float]:
     """Milliseconds by kind of kernel; a kernel counts once, under the first
     kind in ``KINDS`` that its tags match."""
-    match = (("scatter",), ("hash",), ("reduce",), ("threefry", "erf_inv"))
+    match = (("scatter",), ("hash",), ("reduce",), ("threefry", "transform"))
     out = {k: 0.0 for k in KINDS}
     for _, v, tags, _ in rows:
         kind = next((KINDS[i] for i, m in enumerate(match)

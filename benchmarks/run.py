@@ -195,7 +195,7 @@ def profile(n_req, repeats, warmup, wait=0.0):
         one = np.array(1.0, np.float32).view(np.uint32)
         fns["noise: the Threefry bits alone, as uniforms"] = donated_draw(
             lambda k, s: jax.lax.bitcast_convert_type(
-                (noise_lib.random_bits(k, s) >> np.uint32(9)) | one,
+                (noise_lib.threefry_words(k, s)[0] >> np.uint32(9)) | one,
                 jnp.float32))
     except Exception as err:  # internal API may move
         notes["noise: fused Threefry normal, written in place"] = repr(err)
@@ -444,7 +444,7 @@ def _why(key, r, memory, llc, prof):
             text += f"; drawing the normals alone takes {fused:.3g} ms"
             if bits is not None:
                 text += (f", of which the Threefry bits {bits:.3g} ms and the "
-                         f"erf_inv transform the rest")
+                         f"Box-Muller transform the rest")
         return text
     if key == "memory":
         return "state leaves grow faster than the initial params"

@@ -3,6 +3,11 @@
 import contextlib
 import warnings
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import random as jax_random
+
 
 @contextlib.contextmanager
 def quiet_sgld_warnings():
@@ -13,3 +18,67 @@ def quiet_sgld_warnings():
         warnings.filterwarnings("ignore", message="nbeta is 1",
                                 category=UserWarning)
         yield
+
+
+def threefry_words_reference(key, shape):
+    """Both uint32 words of ``threefry2x32(key, (0, i))`` per element, by JAX.
+
+    Uses ``jax.extend.random.threefry_2x32``, JAX's own Threefry, which is
+    independent of the written-out rounds in ``sgld_optax``.
+    """
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    n = int(np.prod(shape, dtype=np.int64))
+    count = jnp.concatenate([jnp.zeros(n, jnp.uint32),
+                             jnp.arange(n, dtype=jnp.uint32)])
+    out = np.asarray(jax_random.threefry_2x32(key, count)).astype(np.uint64)
+    return out[:n].reshape(shape), out[n:].reshape(shape)
+
+
+def box_muller_reference(y0, y1):
+    """The sampler's standard normal of Threefry words, in float64.
+
+    The formula of ``sgld_optax._src.noise``: ``u`` is ``y0 | 1`` rounded
+    down to 24 significant bits over 2**32, ``v`` the low 31 bits of ``y1``
+    over 2**31, and ``z = sign * sqrt(-2 ln u) * cos(pi v / 2)`` with the sign
+    from the top bit of ``y1``.
+    """
+    x = np.asarray(y0, np.uint64) | np.uint64(1)
+    drop = np.maximum(0, np.floor(np.log2(x)).astype(np.int64) - 23)
+    x = (x >> drop.astype(np.uint64)) << drop.astype(np.uint64)
+    u = x / 2.0**32
+    y1 = np.asarray(y1, np.uint64)
+    v = (y1 % np.uint64(2**31)) / 2.0**31
+    sign = np.where(y1 >= np.uint64(2**31), -1.0, 1.0)
+    return sign * np.sqrt(-2.0 * np.log(u)) * np.cos(np.pi / 2 * v)
+
+
+def reference_normal(key, shape, dtype=jnp.float32):
+    """The noise ``sgld`` draws from ``key`` for a leaf, as float64 NumPy.
+
+    Threefry keys with float32 or narrower dtypes use the float64 Box-Muller
+    reference above (cast through ``dtype`` like the sampler's draw); other
+    keys and float64 use ``jax.random.normal``, as the sampler does.
+    """
+    shape = tuple(shape)
+    dtype = jnp.dtype(dtype)
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    threefry = not typed or str(jax.random.key_impl(key)) == "threefry2x32"
+    if threefry and dtype.itemsize <= 4:
+        z = box_muller_reference(*threefry_words_reference(key, shape))
+        return np.asarray(jnp.asarray(z, jnp.float32).astype(dtype), np.float64)
+    if not typed:
+        key = jax.random.wrap_key_data(key)
+    return np.asarray(jax.random.normal(key, shape, dtype), np.float64)
+
+
+def reference_step_noise(state_key, leaves, dtypes=None):
+    """The standard normals of the next step for each leaf, as float64.
+
+    ``_, step_key = jax.random.split(state_key)`` and leaf ``i`` draws from
+    ``jax.random.fold_in(step_key, i)``.
+    """
+    _, step_key = jax.random.split(state_key)
+    dtypes = dtypes or [jnp.float32] * len(leaves)
+    return [reference_normal(jax.random.fold_in(step_key, i), np.shape(p), dt)
+            for i, (p, dt) in enumerate(zip(leaves, dtypes))]

@@ -18,6 +18,8 @@ from scipy import stats
 
 import sgld_optax as so
 from sgld_optax._src import noise as noise_lib
+from sgld_testing import (box_muller_reference, reference_normal,
+                          threefry_words_reference)
 
 STEPS = 48
 
@@ -130,7 +132,7 @@ def test_noise_scales_with_sqrt_learning_rate_and_noise_level():
 
 
 # --------------------------------------------------------------------------
-# The fused generator draws JAX's stream.
+# The fused generator: JAX's Threefry words through Box-Muller.
 
 SHAPES = [(), (1,), (7,), (3, 5), (2, 3, 4), (2, 1, 3), (129,)]
 KEYS = {
@@ -142,28 +144,42 @@ KEYS = {
 
 @pytest.mark.parametrize("key", list(KEYS))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_fused_bits_and_normals_equal_jax_random(key, shape):
+def test_fused_words_equal_jax_threefry_and_normals_the_formula(key, shape):
     key = KEYS[key]()
-    np.testing.assert_array_equal(noise_lib.random_bits(key, shape),
-                                  jax.random.bits(key, shape))
-    typed = (key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-             else jax.random.wrap_key_data(key))
-    np.testing.assert_array_equal(noise_lib.standard_normal(key, shape),
-                                  jax.random.normal(typed, shape))
+    y0, y1 = noise_lib.threefry_words(key, shape)
+    r0, r1 = threefry_words_reference(key, shape)
+    np.testing.assert_array_equal(y0, r0.astype(np.uint32))
+    np.testing.assert_array_equal(y1, r1.astype(np.uint32))
+    z = noise_lib.standard_normal(key, shape)
+    assert z.shape == shape and z.dtype == jnp.float32
+    np.testing.assert_allclose(z, box_muller_reference(r0, r1), rtol=0,
+                               atol=1e-6)
 
 
-def test_fused_bits_under_jit_and_vmap():
+def test_fused_normals_match_float64_formula_over_many_draws():
+    # 2**21 draws reach deep into both tails and close to u = 1 (radius 0).
+    for seed in (1, 2):
+        key = jax.random.key(seed)
+        z = np.asarray(jax.jit(
+            lambda k: noise_lib.standard_normal(k, (1 << 21,)))(key))
+        want = box_muller_reference(*threefry_words_reference(key, (1 << 21,)))
+        assert np.max(np.abs(z - want)) < 1e-6
+        assert np.max(np.abs(want)) > 4.5
+
+
+def test_fused_words_under_jit_and_vmap():
     keys = jax.random.split(jax.random.key(9), 3)
-    got = jax.jit(jax.vmap(lambda k: noise_lib.random_bits(k, (2, 3, 4))))(
+    got = jax.jit(jax.vmap(lambda k: noise_lib.threefry_words(k, (2, 3, 4))))(
         keys)
-    want = jnp.stack([jax.random.bits(k, (2, 3, 4)) for k in keys])
-    np.testing.assert_array_equal(got, want)
+    for i, k in enumerate(keys):
+        want = threefry_words_reference(k, (2, 3, 4))
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g[i], w.astype(np.uint32))
 
 
-def test_random_bits_rejects_other_generators():
+def test_other_generators_and_float64_use_jax_random_normal():
     with pytest.raises(ValueError, match="threefry"):
-        noise_lib.random_bits(jax.random.key(0, impl="rbg"), (3,))
-    # Other generators and float64 fall back to jax.random.normal.
+        noise_lib.threefry_words(jax.random.key(0, impl="rbg"), (3,))
     key = jax.random.key(0, impl="rbg")
     np.testing.assert_array_equal(noise_lib.standard_normal(key, (5,)),
                                   jax.random.normal(key, (5,)))
@@ -173,6 +189,47 @@ def test_random_bits_rejects_other_generators():
         assert got.dtype == jnp.float64
         np.testing.assert_array_equal(got,
                                       jax.random.normal(key, (5,), jnp.float64))
+
+
+@pytest.fixture(scope="module")
+def many_draws():
+    """4M draws of the fused generator (one leaf of a 4M-parameter model)."""
+    f = jax.jit(lambda k: noise_lib.standard_normal(k, (2048, 2048)))
+    return np.asarray(f(jax.random.key(2024)), np.float64).ravel()
+
+
+def test_many_draws_have_normal_moments_and_distribution(many_draws):
+    z = many_draws
+    n = z.size
+    # Moments against their sampling standard errors under N(0, 1).
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1.0) < 5 * math.sqrt(2.0 / n)
+    assert abs(stats.skew(z)) < 5 * math.sqrt(6.0 / n)
+    assert abs(stats.kurtosis(z)) < 5 * math.sqrt(24.0 / n)
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    # Tails: counts beyond 2, 3, 4 and 4.5 sigma are binomial.
+    for t in (2.0, 3.0, 4.0, 4.5):
+        p = 2 * stats.norm.sf(t)
+        count = np.count_nonzero(np.abs(z) > t)
+        assert abs(count - n * p) < 5 * math.sqrt(n * p * (1 - p)) + 1, t
+    # Chi-square over 200 equiprobable bins.
+    edges = stats.norm.ppf(np.linspace(0, 1, 201)[1:-1])
+    counts = np.bincount(np.searchsorted(edges, z), minlength=200)
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_many_draws_are_uncorrelated_and_symmetric(many_draws):
+    z = many_draws
+    for lag in (1, 2, 3, 64, 2048):
+        r, n = corr(z[:-lag], z[lag:])
+        assert abs(r) < 5 / math.sqrt(n), lag
+    # Squares too: Box-Muller pairs radius and angle within a block only.
+    r, n = corr(z[:-1] ** 2, z[1:] ** 2)
+    assert abs(r) < 5 / math.sqrt(n)
+    # Sign and magnitude are independent.
+    pos = z > 0
+    assert abs(pos.mean() - 0.5) < 5 * 0.5 / math.sqrt(z.size)
+    assert stats.ks_2samp(np.abs(z[pos]), np.abs(z[~pos])).pvalue > 1e-3
 
 
 # --------------------------------------------------------------------------
@@ -293,8 +350,7 @@ def sgld_components(params, grads, initial, mask, key, *, lr, nbeta, wd, loc):
             leaves, treedef.flatten_up_to(grads),
             treedef.flatten_up_to(initial), treedef.flatten_up_to(mask))):
         w, w0, g, m = (np.asarray(x, np.float64) for x in (p, w0, g, m))
-        eta = np.asarray(jax.random.normal(jax.random.fold_in(step_key, i),
-                                           p.shape), np.float64)
+        eta = reference_normal(jax.random.fold_in(step_key, i), p.shape)
         comps["scaled_grad"].append((lr / 2 * nbeta * m * g).ravel())
         comps["localization"].append((lr / 2 * loc * m * (w - w0)).ravel())
         comps["weight_decay"].append((lr / 2 * wd * m * w).ravel())

@@ -6,7 +6,8 @@ The rule (devinterp's ``SGLD``), with mask ``m`` (1 where absent):
 
 clamped to ``[w0 - b, w0 + b]`` when ``bounding_box_size=b``. The noise ``eta``
 of leaf ``i`` (``jax.tree_util`` flatten order) is reconstructed as
-``jax.random.normal(jax.random.fold_in(step_key, i), shape)`` with
+the float64 reference of ``sgld_testing`` for the key
+``jax.random.fold_in(step_key, i)``, with
 ``_, step_key = jax.random.split(state.key)``.
 
 Examples run the update eagerly: every example has its own shapes, dtypes and
@@ -27,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sgld_optax as so
-from sgld_testing import quiet_sgld_warnings
+from sgld_testing import quiet_sgld_warnings, reference_normal
 from sgld_optax._src import metrics as metrics_lib
 
 SETTINGS = settings(deadline=None, max_examples=40, derandomize=True,
@@ -64,8 +65,8 @@ def oracle_noise(state_key, params):
     out = []
     for i, p in enumerate(jax.tree_util.tree_leaves(params)):
         dt = jnp.float64 if p.dtype == jnp.float64 else jnp.float32
-        eta = jax.random.normal(jax.random.fold_in(step_key, i), p.shape, dt)
-        out.append(np.asarray(eta, np.float64))
+        out.append(reference_normal(jax.random.fold_in(step_key, i),
+                                    p.shape, dt))
     return out
 
 
@@ -406,10 +407,14 @@ def test_bounding_box_holds(prob, hp, bbox):
     hp = dict(hp, bbox=bbox, lr=0.1, noise_level=2.0)
     _, _, updates, _, expected = one_step(prob, hp)
     new_params = optax.apply_updates(prob["params"], updates)
-    for x, w0 in zip(jax.tree_util.tree_leaves(new_params),
-                     jax.tree_util.tree_leaves(prob["initial"])):
-        slack = 4 * EPS[dtype_name(x)] * (np.abs(np.asarray(w0, np.float64))
-                                           + bbox)
+    for x, w0, w in zip(jax.tree_util.tree_leaves(new_params),
+                        jax.tree_util.tree_leaves(prob["initial"]),
+                        jax.tree_util.tree_leaves(prob["params"])):
+        # The clamped point c is reached as w + (c - w): two roundings of
+        # the size of w's and w0's last places.
+        slack = 4 * EPS[dtype_name(x)] * (
+            np.abs(np.asarray(w0, np.float64)) + bbox
+            + np.abs(np.asarray(w, np.float64)))
         x, w0 = np.asarray(x, np.float64), np.asarray(w0, np.float64)
         assert np.all(np.abs(x - w0) <= bbox + slack)
     assert_matches_rule(new_params, expected)

@@ -2,8 +2,9 @@
 
 Both samplers take the same steps from the same params, gradients and noise:
 devinterp's ``torch.normal`` is replaced by a function that returns the noise
-that ``sgld_optax`` draws (reconstructed from the state's key with
-``jax.random.normal``), so params, metrics and sketches must agree.
+that ``sgld_optax`` draws (reconstructed from the state's key by the
+float64 reference of ``sgld_testing``), so params, metrics and sketches must
+agree.
 """
 
 import itertools
@@ -16,6 +17,7 @@ import optax
 import pytest
 
 import sgld_optax as so
+from sgld_testing import reference_normal
 
 torch = pytest.importorskip("torch")
 di_sgld = pytest.importorskip("devinterp.optim.sgld")
@@ -44,9 +46,9 @@ def _oracle_noise(key, params, steps):
     out = []
     for _ in range(steps):
         key, step_key = jax.random.split(key)
-        out.append([np.asarray(jax.random.normal(
-            jax.random.fold_in(step_key, i), x.shape, jnp.float32))
-            for i, x in enumerate(leaves)])
+        out.append([reference_normal(jax.random.fold_in(step_key, i),
+                                     x.shape).astype(np.float32)
+                    for i, x in enumerate(leaves)])
     return out
 
 
