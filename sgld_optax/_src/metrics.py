@@ -74,45 +74,73 @@ class Metrics(NamedTuple):
                    numel=jnp.zeros((), jnp.int32))
 
 
-def metrics_from_components(components, distance, numel) -> Metrics:
-    """Computes :class:`Metrics` from per-leaf component arrays.
+def metrics_from_bases(bases, scales, numel) -> Metrics:
+    """Computes :class:`Metrics` from the unscaled vectors of a step.
+
+    Every component is a scalar multiple of a masked base vector:
+    :math:`g = a_g\\, m\\odot\\nabla L`, :math:`\\ell = a_\\ell\\, m\\odot(w -
+    w_0)`, :math:`d = a_d\\, m\\odot w` and :math:`\\xi = a_\\xi\\, m\\odot
+    \\eta`. Norms and dot products are taken from the sums of products of the
+    base vectors and scaled afterwards, so no scaled component is ever
+    formed: e.g. :math:`\\|g\\| = |a_g| \\sqrt{\\sum (m \\nabla L)^2}` and
+    :math:`\\langle g, \\xi\\rangle = a_g a_\\xi \\sum m \\nabla L\\, \\eta`.
+    The displacement's squared norm serves both ``distance`` and
+    ``localization``.
 
     Args:
-      components: sequence over leaves of ``(scaled_grad, localization,
-        weight_decay, noise)`` arrays, already masked; ``None`` stands for a
-        component that is identically zero.
-      distance: sequence over leaves of masked ``w - w0`` arrays (or
-        ``None``).
-      numel: Python int, the number of unmasked parameters.
+      bases: sequence over leaves of ``(grad, distance, weight, noise)``:
+        the masked :math:`\\nabla L`, :math:`w - w_0`, :math:`w` and
+        :math:`\\eta`; ``None`` stands for a vector that is not needed or
+        identically zero (``weight`` is used only with weight decay).
+      scales: ``(a_g, a_loc, a_wd, a_noise)`` scalars; ``a_loc`` and
+        ``a_wd`` are ``None`` when that term is absent.
+      numel: the number of unmasked parameters (int or int32 scalar).
 
     Returns:
-      The step's :class:`Metrics`.
+      The step's :class:`Metrics`, accumulated in float32.
     """
-    sums = {name: jnp.zeros((), jnp.float32)
-            for name in NORM_FIELDS + DOT_FIELDS}
+    a_g, a_loc, a_wd, a_xi = (None if a is None
+                              else jnp.asarray(a, jnp.float32)
+                              for a in scales)
+    pairs = [("g", "g"), ("d", "d"), ("e", "e"), ("g", "e")]
+    if a_loc is not None:
+        pairs += [("g", "d"), ("d", "e")]
+    if a_wd is not None:
+        pairs += [("w", "w"), ("g", "w"), ("w", "e")]
+    sums = {pair: jnp.zeros((), jnp.float32) for pair in pairs}
+    for g, d, w, e in bases:
+        vec = dict(g=g, d=d, w=w, e=e)
+        for a, b in pairs:
+            if vec[a] is not None and vec[b] is not None:
+                sums[a, b] += jnp.sum(vec[a].astype(jnp.float32)
+                                      * vec[b].astype(jnp.float32))
 
-    def dot(a, b):
-        if a is None or b is None:
-            return 0.0
-        return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32))
+    zero = jnp.zeros((), jnp.float32)
 
-    for (g, loc, wd, xi), dist in zip(components, distance):
-        if loc is None or wd is None:
-            prior = wd if loc is None else loc
-        else:
-            prior = loc + wd
-        sums["scaled_grad"] += dot(g, g)
-        sums["localization"] += dot(loc, loc)
-        sums["weight_decay"] += dot(wd, wd)
-        sums["noise"] += dot(xi, xi)
-        sums["distance"] += dot(dist, dist)
-        sums["dot_grad_prior"] += dot(g, prior)
-        sums["dot_grad_noise"] += dot(g, xi)
-        sums["dot_prior_noise"] += dot(prior, xi)
-    sums["unscaled_grad"] = sums["scaled_grad"]
-    norms = {name: jnp.sqrt(sums[name]) for name in NORM_FIELDS}
-    dots = {name: sums[name] for name in DOT_FIELDS}
-    return Metrics(**norms, **dots, numel=jnp.asarray(numel, jnp.int32))
+    def norm(scale, pair):
+        return zero if scale is None else jnp.abs(scale) * jnp.sqrt(sums[pair])
+
+    def prior_dot(v):  # <prior, v> / a_v for v in {g, e}
+        out = zero
+        if a_loc is not None:
+            out += a_loc * sums[tuple(sorted(("d", v), key="gdwe".index))]
+        if a_wd is not None:
+            out += a_wd * sums[tuple(sorted(("w", v), key="gdwe".index))]
+        return out
+
+    sg = norm(a_g, ("g", "g"))
+    return Metrics(
+        scaled_grad=sg,
+        unscaled_grad=sg,
+        localization=norm(a_loc, ("d", "d")),
+        weight_decay=norm(a_wd, ("w", "w")),
+        noise=norm(a_xi, ("e", "e")),
+        distance=jnp.sqrt(sums["d", "d"]),
+        dot_grad_prior=a_g * prior_dot("g"),
+        dot_grad_noise=a_g * a_xi * sums["g", "e"],
+        dot_prior_noise=a_xi * prior_dot("e"),
+        numel=jnp.asarray(numel, jnp.int32),
+    )
 
 
 def aggregate(metrics: Iterable[Metrics]) -> Metrics:

@@ -326,15 +326,14 @@ def sgld(
         nb = _value(nbeta, state.count)
         new_key, step_key = noise_lib.split(state.key)
 
-        out, comps, dists = [], [], []
+        out, bases = [], []
         for i, (p, g, m, w0) in enumerate(zip(p_leaves, g_leaves, m_leaves,
                                                w0_leaves)):
             cd = base.compute_dtype(p.dtype)
             w = p.astype(cd)
             half_lr = jnp.asarray(lr, cd) * 0.5
-            if g is None:
-                g = jnp.zeros_like(w)
-            sg = half_lr * (g.astype(cd) * jnp.asarray(nb, cd))
+            g = jnp.zeros_like(w) if g is None else g.astype(cd)
+            sg = half_lr * (g * jnp.asarray(nb, cd))
             dist = w - w0.astype(cd) if w0 is not None else None
             loc = (half_lr * (dist * jnp.asarray(localization, cd))
                    if use_loc else None)
@@ -349,7 +348,6 @@ def sgld(
                 sg, xi = sg * mm, xi * mm
                 loc = loc * mm if loc is not None else None
                 wd = wd * mm if wd is not None else None
-                dist = dist * mm if dist is not None else None
             drift = sg
             if loc is not None:
                 drift = drift + loc
@@ -361,8 +359,22 @@ def sgld(
                 w0c = w0.astype(cd)
                 u = jnp.clip(w + u, w0c - b, w0c + b) - w
             out.append(u.astype(p.dtype))
-            comps.append((sg, loc, wd, xi))
-            dists.append(dist)
+            if save_metrics or sketching:
+                # Metrics and sketches are linear in the unscaled, masked
+                # vectors, so they read these rather than the components.
+                vecs = (g, dist, w if use_wd else None, eta)
+                if m is not None:
+                    vecs = tuple(None if v is None else v * mm for v in vecs)
+                bases.append(vecs)
+
+        half_lr = jnp.asarray(lr, jnp.float32) * 0.5
+        scales = (half_lr * jnp.asarray(nb, jnp.float32),
+                  (half_lr * jnp.asarray(localization, jnp.float32)
+                   if use_loc else None),
+                  (half_lr * jnp.asarray(weight_decay, jnp.float32)
+                   if use_wd else None),
+                  (jnp.sqrt(jnp.asarray(lr, jnp.float32))
+                   * jnp.asarray(noise_level, jnp.float32)))
 
         new_metrics = state.metrics
         if save_metrics:
@@ -373,13 +385,13 @@ def sgld(
                 raise ValueError(
                     "save_metrics counts parameters in int32, and these "
                     "params have 2**31 or more elements.")
-            new_metrics = metrics_lib.metrics_from_components(
-                comps, dists, numel)
+            new_metrics = metrics_lib.metrics_from_bases(bases, scales, numel)
 
         new_sketch = state.sketch
         if sketching:
-            new_sketch = _sketch_components(
-                get_sketch(sum(int(np.size(p)) for p in p_leaves)), comps)
+            new_sketch = _sketch_bases(
+                get_sketch(sum(int(np.size(p)) for p in p_leaves)), bases,
+                scales)
 
         new_state = SGLDState(
             count=optax.safe_increment(state.count),
@@ -413,19 +425,26 @@ def _static_int(name, value):
     return int(arr)
 
 
-def _sketch_components(cs: CountSketch, comps) -> SketchBuffer:
-    """Sketches the (scaled_grad, localization, weight_decay, noise) vectors."""
-    present = [j for j in range(4) if comps[0][j] is not None]
-    buf = jnp.zeros((cs.output_dim, len(present)), jnp.float32)
+def _sketch_bases(cs: CountSketch, bases, scales) -> SketchBuffer:
+    """Sketches the components of a step from its unscaled vectors.
+
+    A count sketch is linear, so the sketch of each component is its scale
+    times the sketch of its base vector (see ``metrics_from_bases``).
+    """
+    a_g, a_loc, a_wd, a_xi = scales
+    present = [j for j, a in enumerate((a_g, a_loc, a_wd, a_xi))
+               if a is not None]
+    buf = jnp.zeros((len(present), cs.output_dim), jnp.float32)
     offset = 0
-    for comp in comps:
-        n = comp[0].size
-        cols = jnp.stack([comp[j].reshape(-1).astype(jnp.float32)
-                          for j in present], axis=1)
-        buf = cs.scatter(buf, cols, offset)
-        offset += n
+    for vecs in bases:
+        # Component j (scaled grad, localization, weight decay, noise) is
+        # a multiple of base vector j (grad, displacement, weight, noise).
+        rows = jnp.stack([vecs[j].reshape(-1).astype(jnp.float32)
+                          for j in present])
+        buf = buf + cs._scatter_columns(rows, offset)
+        offset += vecs[3].size
     zero = jnp.zeros((cs.output_dim,), jnp.float32)
-    col = {j: buf[:, k] for k, j in enumerate(present)}
+    col = {j: buf[k] * scales[j] for k, j in enumerate(present)}
     sg, loc, wd, xi = (col.get(j, zero) for j in range(4))
     return SketchBuffer(scaled_grad=sg, unscaled_grad=sg, localization=loc,
                         weight_decay=wd, noise=xi)

@@ -14,7 +14,8 @@ inner products, norms and cosines between update components of different steps
 or runs can be estimated from :math:`k`-dimensional sketches.
 
 :class:`CountSketch` hashes each index on the fly from the seed (a murmur3
-finaliser applied twice), so it stores nothing per parameter: **0 bytes per
+finaliser applied twice; the low 31 bits give the bucket modulo :math:`k`,
+the top bit the sign), so it stores nothing per parameter: **0 bytes per
 parameter**. :meth:`CountSketch.from_tables` builds one from explicit tables
 (int32 bucket and int8 sign per input, **5 bytes per parameter**), e.g. to
 reproduce another implementation's sketch exactly.
@@ -108,8 +109,7 @@ class CountSketch:
         self.hash_indices = None
         self.hash_signs = None
         self._salts = (_fmix32_np(2 * self.seed + 1),
-                       _fmix32_np((self.seed >> 32) ^ 0x9E3779B9),
-                       _fmix32_np(self.seed ^ 0x68E31DA4))
+                       _fmix32_np((self.seed >> 32) ^ 0x9E3779B9))
 
     @classmethod
     def from_tables(cls, hash_indices: np.typing.ArrayLike,
@@ -161,23 +161,37 @@ class CountSketch:
         return (f"CountSketch(input_dim={self.input_dim}, "
                 f"output_dim={self.output_dim}, seed={self.seed}, {kind})")
 
-    def buckets_and_signs(self, offset: int, size: int):
-        """Buckets (int32) and signs (float32) of inputs ``offset .. offset+size-1``."""
+    def _signed_buckets(self, offset: int, size: int) -> jax.Array:
+        """int32 ``bucket + output_dim * (sign < 0)`` of each input.
+
+        Scattering into ``2 * output_dim`` buckets by this index and
+        subtracting the second half from the first applies the signs without
+        multiplying the values by them.
+        """
         if offset < 0 or offset + size > self.input_dim:
             raise ValueError(
                 f"inputs [{offset}, {offset + size}) are outside "
                 f"[0, {self.input_dim}).")
+        k = self.output_dim
         if self.hash_indices is not None:
             idx = jnp.asarray(self.hash_indices[offset:offset + size])
-            sgn = jnp.asarray(self.hash_signs[offset:offset + size], jnp.float32)
-            return idx, sgn
-        s1, s2, s3 = self._salts
+            neg = jnp.asarray(self.hash_signs[offset:offset + size] < 0)
+            return idx + k * neg.astype(jnp.int32)
+        s1, s2 = self._salts[:2]
         i = jax.lax.iota(jnp.uint32, size) + np.uint32(offset)
         x = _fmix32(_fmix32(i ^ s1) + s2)
-        idx = (x % np.uint32(self.output_dim)).astype(jnp.int32)
-        sign_bit = _fmix32(x ^ s3) >> np.uint32(31)
-        sgn = 1.0 - 2.0 * sign_bit.astype(jnp.float32)
-        return idx, sgn
+        # Bucket from the low 31 bits, sign from the top bit.
+        bucket = (x & np.uint32(0x7FFFFFFF)) % np.uint32(k)
+        neg = x >> np.uint32(31)
+        return (bucket + np.uint32(k) * neg).astype(jnp.int32)
+
+    def buckets_and_signs(self, offset: int, size: int):
+        """Buckets (int32) and signs (float32) of inputs ``offset .. offset+size-1``."""
+        signed = self._signed_buckets(offset, size)
+        k = self.output_dim
+        neg = signed >= k
+        return (jnp.where(neg, signed - k, signed),
+                jnp.where(neg, np.float32(-1.0), np.float32(1.0)))
 
     def scatter(self, buffer: jax.Array, values: jax.Array, offset: int
                 ) -> jax.Array:
@@ -196,16 +210,24 @@ class CountSketch:
           The updated buffer.
         """
         values = jnp.asarray(values).astype(jnp.float32)
-        idx, sgn = self.buckets_and_signs(offset, values.shape[0])
-        if values.ndim == 2:
-            sgn = sgn[:, None]
-        updates = sgn * values
+        return buffer + self._scatter_columns(values.T, offset).T
+
+    def _scatter_columns(self, columns: jax.Array, offset: int) -> jax.Array:
+        """The sketches ``(..., output_dim)`` of the rows of ``columns (..., n)``.
+
+        Each row is a contiguous vector, which keeps the computation of the
+        values vectorisable.
+        """
+        signed = self._signed_buckets(offset, columns.shape[-1])
+        k = self.output_dim
+        wide = jnp.zeros(columns.shape[:-1] + (2 * k,), jnp.float32)
         kwargs = {}
         if hasattr(jax, "typeof"):
             # Under an explicitly sharded mesh the sketch is replicated.
-            kwargs["out_sharding"] = jax.typeof(updates).sharding.update(
+            kwargs["out_sharding"] = jax.typeof(columns).sharding.update(
                 spec=jax.sharding.PartitionSpec())
-        return buffer.at[idx].add(updates, **kwargs)
+        wide = wide.at[..., signed].add(columns, **kwargs)
+        return wide[..., :k] - wide[..., k:]
 
     def sketch(self, v: jax.Array) -> jax.Array:
         """The float32 sketch :math:`S v` of a flat vector ``v`` of length ``input_dim``."""
