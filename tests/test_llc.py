@@ -150,7 +150,7 @@ _DEVICE_SCRIPT = textwrap.dedent("""
     original = llc._sample_in_memory
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
-        shardings.append(len(out[0].sharding.device_set))
+        shardings.append(len(out[1].sharding.device_set))  # the losses
         return out
     llc._sample_in_memory = spy
     def loss(w, batch):

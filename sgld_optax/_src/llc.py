@@ -487,10 +487,11 @@ def _sample_in_memory(static: _Static, hyper: _Hyper, mask, params, data, key,
                                          jnp.arange(num_steps))
     losses = losses[burnin::every]
     metrics = jax.tree.map(lambda x: x.T, metrics)
-    return losses.T, metrics, chains.diverged
+    # L_n(w*) in the same program: one compilation per configuration.
+    init_loss = _dataset_loss(static.loss_fn, params, data, bs)
+    return init_loss, losses.T, metrics, chains.diverged
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "chunk"))
 def _dataset_loss(loss_fn, params, data, chunk):
     """Mean of ``loss_fn`` over all of ``data``, evaluated ``chunk`` at a time."""
     n = _leading_size(data)
@@ -755,7 +756,8 @@ def estimate_llc(
             raise ValueError(
                 f"batch_size={batch_size} is larger than the number of "
                 f"examples in data, n={n}.")
-        example = jax.tree.map(lambda x: x[:batch_size], data)
+        example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            (batch_size,) + x.shape[1:], x.dtype), data)
         _check_loss(loss_fn, params, example)
     else:
         try:
@@ -815,14 +817,13 @@ def estimate_llc(
     run_id = next(_run_ids)
     try:
         if in_memory:
-            init_loss = float(_dataset_loss(loss_fn, params, data, batch_size))
             if progress:
                 with _progress_lock:
                     _progress_bars[run_id] = bar
-            losses, metrics, diverged = _sample_in_memory(
+            init_loss, losses, metrics, diverged = _sample_in_memory(
                 static, hyper, mask, params, data, key, chain_ids,
                 np.int32(run_id))
-            losses = np.asarray(losses)
+            init_loss, losses = float(init_loss), np.asarray(losses)
         else:
             init_loss = _stream_init_loss(loss_fn, params, data)
             losses, metrics, diverged = _sample_streamed(

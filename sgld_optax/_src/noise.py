@@ -130,6 +130,21 @@ def fold_in(key: jax.Array, data: int) -> jax.Array:
                                            zero + np.uint32(data)))
 
 
+def fold_in_range(key: jax.Array, n: int) -> list:
+    """``[jax.random.fold_in(key, i) for i in range(n)]`` in one Threefry call.
+
+    For a Threefry key, key ``i`` is ``threefry2x32(key, (0, i))``, JAX's
+    ``fold_in``; the ``n`` blocks are computed as one vectorised call, which
+    keeps the compiled program small. Other keys use ``jax.random.fold_in``.
+    """
+    words = key_words(key)
+    if words is None:
+        return [jax.random.fold_in(key, i) for i in range(n)]
+    count = jnp.arange(n, dtype=jnp.uint32)
+    y0, y1 = threefry2x32(words[0], words[1], jnp.zeros_like(count), count)
+    return [_with_words(key, y0[i], y1[i]) for i in range(n)]
+
+
 def split(key: jax.Array):
     """``jax.random.split(key)`` (two keys) with the Threefry rounds written out.
 
@@ -141,7 +156,7 @@ def split(key: jax.Array):
     words = key_words(key)
     if words is None or not jax.config.jax_threefry_partitionable:
         return tuple(jax.random.split(key))
-    return fold_in(key, 0), fold_in(key, 1)
+    return tuple(fold_in_range(key, 2))
 
 
 def threefry_words(key: jax.Array, shape):

@@ -325,6 +325,7 @@ def sgld(
         lr = _value(learning_rate, state.count)
         nb = _value(nbeta, state.count)
         new_key, step_key = noise_lib.split(state.key)
+        leaf_keys = noise_lib.fold_in_range(step_key, len(p_leaves))
 
         out, bases = [], []
         for i, (p, g, m, w0) in enumerate(zip(p_leaves, g_leaves, m_leaves,
@@ -339,8 +340,7 @@ def sgld(
                    if use_loc else None)
             wd = (half_lr * (w * jnp.asarray(weight_decay, cd))
                   if use_wd else None)
-            eta = noise_lib.standard_normal(
-                noise_lib.fold_in(step_key, i), p.shape, cd)
+            eta = noise_lib.standard_normal(leaf_keys[i], p.shape, cd)
             xi = (jnp.sqrt(jnp.asarray(lr, cd)) * jnp.asarray(noise_level, cd)
                   ) * eta
             if m is not None:
