@@ -121,3 +121,13 @@ def test_gpu_script_runs_on_cpu_when_allowed(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     text = out.read_text()
     assert "| plain |" in text and "copy of the params" in text
+
+
+def test_cold_llc_with_a_persistent_compilation_cache():
+    # Two fresh processes share a cache folder: the second one finds the
+    # sampling program compiled and returns its cold time.
+    run = _load("run")
+    seconds, entries = run.llc_cold_with_cache(n=256, chains=2, draws=5,
+                                               batch=32)
+    assert seconds > 0.0
+    assert entries >= 1  # the sampling program was written to the cache

@@ -23,9 +23,9 @@ bits (a float32 mantissa). With :math:`U` uniform on :math:`(0, 1)`,
 :math:`S`, :math:`S \cos\Theta` has the law of the cosine of an angle uniform
 on :math:`[0, 2\pi)`, so :math:`z \sim N(0, 1)` up to the discretisation of
 :math:`u` (never 0 or 1; :math:`|z| \le \sqrt{64 \ln 2} \approx 6.66`) and
-of :math:`v`. Blocks of different
-counters or keys are independent, so elements, leaves (keys folded with the
-leaf index), steps (keys split every step) and chains are too.
+of :math:`v`. Blocks of different counters or keys are independent, so
+elements, leaves (keys folded with the leaf index), steps (keys split every
+step) and chains are too.
 
 Only elementwise integer and float arithmetic is used: the logarithm splits
 :math:`u` into a power of two (from the leading-zero count of :math:`y_0`)
