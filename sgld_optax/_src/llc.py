@@ -32,6 +32,7 @@ from jax import lax
 from jax.experimental import io_callback
 
 from sgld_optax._src import base
+from sgld_optax._src import noise as noise_lib
 from sgld_optax._src import diagnostics
 from sgld_optax._src import sgld as sgld_lib
 from sgld_optax._src.metrics import Metrics
@@ -327,7 +328,11 @@ def shuffled_index(key: jax.Array, positions: jax.Array, n: int) -> jax.Array:
     """
     half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
     low = np.uint32((1 << half) - 1)
-    round_keys = jax.random.bits(key, (_FEISTEL_ROUNDS,), jnp.uint32)
+    if noise_lib.key_words(key) is None:
+        round_keys = jax.random.bits(key, (_FEISTEL_ROUNDS,), jnp.uint32)
+    else:  # jax.random.bits's numbers (by default), rounds written out
+        y0, y1 = noise_lib.threefry_words(key, (_FEISTEL_ROUNDS,))
+        round_keys = y0 ^ y1
 
     def permute(x):
         left, right = x >> np.uint32(half), x & low
@@ -461,7 +466,7 @@ def _sample_in_memory(static: _Static, hyper: _Hyper, mask, params, data, key,
         # a new one every epoch, batch_size examples per step.
         positions = pos * bs + jnp.arange(bs, dtype=jnp.int32)
         index = jax.vmap(lambda k: shuffled_index(
-            jax.random.fold_in(k, epoch), positions, n))(chains.data_key)
+            noise_lib.fold_in(k, epoch), positions, n))(chains.data_key)
         batches = jax.tree.map(lambda x: jnp.take(x, index, axis=0), data)
         return _step_all(static, tx, chains, params, batches)
 

@@ -116,18 +116,22 @@ def _with_words(key: jax.Array, y0, y1) -> jax.Array:
     return data
 
 
-def fold_in(key: jax.Array, data: int) -> jax.Array:
+def fold_in(key: jax.Array, data) -> jax.Array:
     """``jax.random.fold_in(key, data)`` with the Threefry rounds written out.
 
-    For a Threefry key the result is the key ``threefry2x32(key, (0, data))``,
-    equal to JAX's own; other keys use ``jax.random.fold_in``.
+    For a Threefry key and ``data`` a non-negative int below ``2**32`` (a
+    Python int or an integer scalar array, possibly traced) the result is the
+    key ``threefry2x32(key, (0, data))``, equal to JAX's own; other keys use
+    ``jax.random.fold_in``.
     """
     words = key_words(key)
     if words is None:
         return jax.random.fold_in(key, data)
     zero = jnp.zeros_like(words[0])
+    data = (np.uint32(data) if isinstance(data, (int, np.integer))
+            else jnp.asarray(data).astype(jnp.uint32))
     return _with_words(key, *threefry2x32(words[0], words[1], zero,
-                                           zero + np.uint32(data)))
+                                           zero + data))
 
 
 def fold_in_range(key: jax.Array, n: int) -> list:
