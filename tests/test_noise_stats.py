@@ -427,8 +427,21 @@ def test_written_out_split_and_fold_in_equal_jax(make_key):
         for i in (0, 1, 17, 2**20 + 3):
             np.testing.assert_array_equal(data(noise_lib.fold_in(key, i)),
                                           data(jax.random.fold_in(key, i)))
+        # All leaf keys of a step in one call; data traced under jit.
+        for i, k in enumerate(noise_lib.fold_in_range(key, 7)):
+            np.testing.assert_array_equal(data(k),
+                                          data(jax.random.fold_in(key, i)))
+        traced = jax.jit(lambda k, i: noise_lib.fold_in(k, i))(
+            key, jnp.int32(12345))
+        np.testing.assert_array_equal(data(traced),
+                                      data(jax.random.fold_in(key, 12345)))
     # Batched keys, as in vmapped chains.
     keys = jax.random.split(jax.random.key(9), 5)
     got = jax.vmap(lambda k: jax.random.key_data(noise_lib.split(k)[1]))(keys)
     want = jax.vmap(lambda k: jax.random.key_data(jax.random.split(k)[1]))(keys)
+    np.testing.assert_array_equal(got, want)
+    got = jax.vmap(lambda k: jax.random.key_data(
+        noise_lib.fold_in_range(k, 3)[2]))(keys)
+    want = jax.vmap(lambda k: jax.random.key_data(
+        jax.random.fold_in(k, 2)))(keys)
     np.testing.assert_array_equal(got, want)
