@@ -12,7 +12,8 @@ in turns (see ``bench_lib.interleaved``), reporting medians:
 2. the memory the sampler keeps beyond the parameters, per parameter;
 3. LLC estimation end to end: ``so.estimate_llc`` against devinterp's
    ``SGLD`` in a plain PyTorch loop, cold (first call, compilation included)
-   and warm;
+   and warm, and (full runs) cold in a fresh process with JAX's persistent
+   compilation cache filled by an earlier one;
 4. the floor: a fused update without noise over the same arrays, and a copy
    of the same bytes; and, at the size nearest 4M, the step's parts timed
    alone and our compiled steps profiled kernel by kernel.
