@@ -24,6 +24,7 @@ import textwrap
 import time
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -450,6 +451,48 @@ def test_streamed_chains_take_their_own_batches(capsys):
     for chain in range(2):
         expected = float(linreg_loss(SMALL_W, batches[chain]))
         assert result.loss_trace[chain, 0] == pytest.approx(expected, rel=1e-6)
+
+
+def affine_loss(params, batch):
+    x, y = batch
+    pred = x @ params["w"] + params["b"]
+    return 0.5 * jnp.mean(jnp.sum((pred - y) ** 2, axis=-1))
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_leaves_are_sampled_as_one_flat_vector(streamed):
+    # Leaves of one dtype are sampled as their concatenation (ravel_pytree
+    # order): the same run as a one-leaf problem over the flat vector, with
+    # the mask flattened alike.
+    params = {"w": SMALL_W, "b": jnp.asarray([0.1, -0.2], jnp.float32)}
+    mask = {"w": jnp.arange(6).reshape(3, 2) % 2 == 0,
+            "b": jnp.asarray([True, False])}
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    flat_mask = jnp.concatenate([mask["b"], mask["w"].ravel()])  # "b" < "w"
+    data = _Loader(SMALL_DATA, batch_size=30) if streamed else SMALL_DATA
+    kwargs = dict(key=3, learning_rate=1e-3, nbeta=30.0, num_chains=2,
+                  num_draws=20, save_metrics=True, progress=False)
+    if not streamed:
+        kwargs["batch_size"] = 30
+    tree = so.estimate_llc(affine_loss, params, data, mask=mask, **kwargs)
+    one = so.estimate_llc(lambda w, batch: affine_loss(unravel(w), batch),
+                          flat, data, mask=flat_mask, **kwargs)
+    np.testing.assert_allclose(tree.loss_trace, one.loss_trace, rtol=1e-6)
+    np.testing.assert_array_equal(tree.metrics.numel, one.metrics.numel)
+    assert int(tree.metrics.numel[0, 0]) == 4
+
+
+def test_mixed_dtype_leaves_are_sampled_leaf_by_leaf():
+    params = {"w": SMALL_W, "b": jnp.asarray([0.1, -0.2], jnp.bfloat16)}
+
+    def loss(p, batch):
+        return affine_loss({"w": p["w"], "b": p["b"].astype(jnp.float32)},
+                           batch)
+
+    result = so.estimate_llc(loss, params, SMALL_DATA, key=0,
+                             learning_rate=1e-3, nbeta=30.0, num_chains=2,
+                             num_draws=20, batch_size=30, progress=False)
+    assert np.all(np.isfinite(result.loss_trace))
 
 
 # ---------------------------------------------------------------------------

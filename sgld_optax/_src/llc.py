@@ -25,6 +25,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Optional
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -355,7 +356,8 @@ def shuffled_index(key: jax.Array, positions: jax.Array, n: int) -> jax.Array:
 class _Chains(NamedTuple):
     """The carry of the sampling loop; every field has a leading chain axis."""
 
-    params: Any          # the params pytree, (num_chains, ...) per leaf
+    params: Any          # the params (a pytree, or one flat vector: see
+                         # _flat), with a leading chain axis
     opt_state: Any       # SGLDState, vmapped, without initial_params: every
                          # chain starts at the same w*, kept once (_step_all)
     data_key: jax.Array  # typed PRNG key per chain, for minibatch order
@@ -454,6 +456,8 @@ def _sample_in_memory(static: _Static, hyper: _Hyper, mask, params, data, key,
     n = _leading_size(data)
     bs = static.batch_size
     steps_per_epoch = n // bs
+    loss_fn, tree_params = static.loss_fn, params
+    static, mask, params = _flat(static, mask, params)
     tx, chains = _init_chains(static, hyper, mask, params, key, chain_ids)
 
     def step(chains: _Chains, t):
@@ -493,7 +497,7 @@ def _sample_in_memory(static: _Static, hyper: _Hyper, mask, params, data, key,
     losses = losses[burnin::every]
     metrics = jax.tree.map(lambda x: x.T, metrics)
     # L_n(w*) in the same program: one compilation per configuration.
-    init_loss = _dataset_loss(static.loss_fn, params, data, bs)
+    init_loss = _dataset_loss(loss_fn, tree_params, data, bs)
     return init_loss, losses.T, metrics, chains.diverged
 
 
@@ -514,17 +518,41 @@ def _dataset_loss(loss_fn, params, data, chunk):
     return total / n
 
 
+def _flat(static: _Static, mask, params):
+    """The sampling problem over one flat parameter vector, where possible.
+
+    When every leaf of ``params`` has the same dtype, the chains carry the
+    params as one flat vector and ``loss_fn`` sees them unflattened: the
+    sampler then updates, and draws noise for, one array instead of one per
+    leaf, which compiles faster and launches fewer kernels per step. The
+    step is the same elementwise rule; the noise is drawn for the flat
+    vector. Returns ``(static, mask, params)`` for the sampler.
+    """
+    leaves = jax.tree_util.tree_leaves(params)
+    if len(leaves) < 2 or len({jnp.result_type(x) for x in leaves}) != 1:
+        return static, mask, params
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    loss_fn = static.loss_fn
+    static = static._replace(loss_fn=lambda w, batch: loss_fn(unravel(w), batch))
+    if mask is not None:
+        mask = jnp.concatenate([jnp.ravel(m) for m in jax.tree_util.tree_leaves(
+            mask)])
+    return static, mask, flat
+
+
 # ---------------------------------------------------------------------------
 # Sampling from an iterable of batches: one compiled step, fed from the host.
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
 def _init_streamed(static, hyper, mask, params, key, chain_ids):
+    static, mask, params = _flat(static, mask, params)
     return _init_chains(static, hyper, mask, params, key, chain_ids)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("static",), donate_argnums=(3,))
 def _step_streamed(static, hyper, mask, chains, params, batches):
+    static, mask, params = _flat(static, mask, params)
     return _step_all(static, _sampler(static, hyper, mask), chains, params,
                      batches)
 
