@@ -406,6 +406,8 @@ def test_prebuilt_sketch_must_match_the_number_of_params():
         tx.init({"a": jnp.zeros((3, 4))})
     with pytest.raises(ValueError, match="sketch_dim"):
         so.sgld(1e-2, nbeta=4.0, sketch=so.CountSketch(12, 4), sketch_dim=5)
+    with pytest.raises(ValueError, match="output_dim must be < 2"):
+        so.CountSketch(12, 2**30)
 
 
 @pytest.mark.parametrize("make_key", [lambda s: jax.random.key(s),

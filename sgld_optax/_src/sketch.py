@@ -101,6 +101,9 @@ class CountSketch:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
         if input_dim >= 2**32:
             raise ValueError(f"input_dim must be < 2**32, got {input_dim}.")
+        if output_dim >= 2**30:
+            # Signed buckets index 2 * output_dim int32 slots.
+            raise ValueError(f"output_dim must be < 2**30, got {output_dim}.")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"seed must be an int, got {seed!r}.")
         self.input_dim = int(input_dim)
