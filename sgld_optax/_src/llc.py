@@ -535,8 +535,7 @@ def _flat(static: _Static, mask, params):
     loss_fn = static.loss_fn
     static = static._replace(loss_fn=lambda w, batch: loss_fn(unravel(w), batch))
     if mask is not None:
-        mask = jnp.concatenate([jnp.ravel(m) for m in jax.tree_util.tree_leaves(
-            mask)])
+        mask = jax.flatten_util.ravel_pytree(mask)[0]
     return static, mask, flat
 
 

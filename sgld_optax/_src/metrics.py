@@ -117,24 +117,24 @@ def metrics_from_bases(bases, scales, numel) -> Metrics:
 
     zero = jnp.zeros((), jnp.float32)
 
-    def norm(scale, pair):
-        return zero if scale is None else jnp.abs(scale) * jnp.sqrt(sums[pair])
+    def norm(scale, v):
+        return zero if scale is None else jnp.abs(scale) * jnp.sqrt(sums[v, v])
 
-    def prior_dot(v):  # <prior, v> / a_v for v in {g, e}
+    def prior_dot(v):  # <prior, base vector v>
         out = zero
         if a_loc is not None:
-            out += a_loc * sums[tuple(sorted(("d", v), key="gdwe".index))]
+            out += a_loc * sums.get((v, "d"), sums.get(("d", v)))
         if a_wd is not None:
-            out += a_wd * sums[tuple(sorted(("w", v), key="gdwe".index))]
+            out += a_wd * sums.get((v, "w"), sums.get(("w", v)))
         return out
 
-    sg = norm(a_g, ("g", "g"))
+    sg = norm(a_g, "g")
     return Metrics(
         scaled_grad=sg,
         unscaled_grad=sg,
-        localization=norm(a_loc, ("d", "d")),
-        weight_decay=norm(a_wd, ("w", "w")),
-        noise=norm(a_xi, ("e", "e")),
+        localization=norm(a_loc, "d"),
+        weight_decay=norm(a_wd, "w"),
+        noise=norm(a_xi, "e"),
         distance=jnp.sqrt(sums["d", "d"]),
         dot_grad_prior=a_g * prior_dot("g"),
         dot_grad_noise=a_g * a_xi * sums["g", "e"],

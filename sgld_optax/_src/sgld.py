@@ -367,14 +367,16 @@ def sgld(
                     vecs = tuple(None if v is None else v * mm for v in vecs)
                 bases.append(vecs)
 
-        half_lr = jnp.asarray(lr, jnp.float32) * 0.5
-        scales = (half_lr * jnp.asarray(nb, jnp.float32),
-                  (half_lr * jnp.asarray(localization, jnp.float32)
-                   if use_loc else None),
-                  (half_lr * jnp.asarray(weight_decay, jnp.float32)
-                   if use_wd else None),
-                  (jnp.sqrt(jnp.asarray(lr, jnp.float32))
-                   * jnp.asarray(noise_level, jnp.float32)))
+        if save_metrics or sketching:
+            # Each component is its base vector times one of these.
+            half_lr = jnp.asarray(lr, jnp.float32) * 0.5
+            scales = (half_lr * jnp.asarray(nb, jnp.float32),
+                      (half_lr * jnp.asarray(localization, jnp.float32)
+                       if use_loc else None),
+                      (half_lr * jnp.asarray(weight_decay, jnp.float32)
+                       if use_wd else None),
+                      (jnp.sqrt(jnp.asarray(lr, jnp.float32))
+                       * jnp.asarray(noise_level, jnp.float32)))
 
         new_metrics = state.metrics
         if save_metrics:
@@ -431,9 +433,7 @@ def _sketch_bases(cs: CountSketch, bases, scales) -> SketchBuffer:
     A count sketch is linear, so the sketch of each component is its scale
     times the sketch of its base vector (see ``metrics_from_bases``).
     """
-    a_g, a_loc, a_wd, a_xi = scales
-    present = [j for j, a in enumerate((a_g, a_loc, a_wd, a_xi))
-               if a is not None]
+    present = [j for j, a in enumerate(scales) if a is not None]
     buf = jnp.zeros((len(present), cs.output_dim), jnp.float32)
     offset = 0
     for vecs in bases:
