@@ -18,7 +18,7 @@ from scipy import stats
 
 import sgld_optax as so
 from sgld_optax._src import noise as noise_lib
-from sgld_testing import (box_muller_reference, reference_normal,
+from sgld_testing import (box_muller_reference, reference_step_noise,
                           threefry_words_reference)
 
 STEPS = 48
@@ -342,15 +342,14 @@ def test_bytes_per_param():
 
 def sgld_components(params, grads, initial, mask, key, *, lr, nbeta, wd, loc):
     """Per-component flat float64 vectors of one step, by hand."""
-    _, step_key = jax.random.split(key)
     comps = {"scaled_grad": [], "localization": [], "weight_decay": [],
              "noise": []}
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    for i, (p, g, w0, m) in enumerate(zip(
+    for p, g, w0, m, eta in zip(
             leaves, treedef.flatten_up_to(grads),
-            treedef.flatten_up_to(initial), treedef.flatten_up_to(mask))):
+            treedef.flatten_up_to(initial), treedef.flatten_up_to(mask),
+            reference_step_noise(key, leaves)):
         w, w0, g, m = (np.asarray(x, np.float64) for x in (p, w0, g, m))
-        eta = reference_normal(jax.random.fold_in(step_key, i), p.shape)
         comps["scaled_grad"].append((lr / 2 * nbeta * m * g).ravel())
         comps["localization"].append((lr / 2 * loc * m * (w - w0)).ravel())
         comps["weight_decay"].append((lr / 2 * wd * m * w).ravel())

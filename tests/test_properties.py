@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sgld_optax as so
-from sgld_testing import quiet_sgld_warnings, reference_normal
+from sgld_testing import quiet_sgld_warnings, reference_step_noise
 from sgld_optax._src import metrics as metrics_lib
 
 SETTINGS = settings(deadline=None, max_examples=40, derandomize=True,
@@ -61,13 +61,11 @@ def dtype_name(x) -> str:
 
 def oracle_noise(state_key, params):
     """The standard normal draws of the next step, as float64 NumPy arrays."""
-    _, step_key = jax.random.split(state_key)
-    out = []
-    for i, p in enumerate(jax.tree_util.tree_leaves(params)):
-        dt = jnp.float64 if p.dtype == jnp.float64 else jnp.float32
-        out.append(reference_normal(jax.random.fold_in(step_key, i),
-                                    p.shape, dt))
-    return out
+    leaves = jax.tree_util.tree_leaves(params)
+    return reference_step_noise(
+        state_key, leaves,
+        [jnp.float64 if p.dtype == jnp.float64 else jnp.float32
+         for p in leaves])
 
 
 def hand_step(params, grads, initial, mask, noise, hp):

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import sgld_optax as so
-from sgld_testing import reference_normal
+from sgld_testing import reference_step_noise
 
 torch = pytest.importorskip("torch")
 di_sgld = pytest.importorskip("devinterp.optim.sgld")
@@ -45,10 +45,9 @@ def _oracle_noise(key, params, steps):
     leaves = jax.tree_util.tree_leaves(params)
     out = []
     for _ in range(steps):
-        key, step_key = jax.random.split(key)
-        out.append([reference_normal(jax.random.fold_in(step_key, i),
-                                     x.shape).astype(np.float32)
-                    for i, x in enumerate(leaves)])
+        out.append([eta.astype(np.float32)
+                    for eta in reference_step_noise(key, leaves)])
+        key = jax.random.split(key)[0]
     return out
 
 
