@@ -342,18 +342,17 @@ import jax
 jax.config.update("jax_compilation_cache_dir", {cache_dir!r})
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 import run
-params, data = run.llc_inputs({n})
+params, data = run.llc_inputs(*run._llc_problem({n}))
 t0 = time.perf_counter()
 run.llc_ours(params, data, {chains}, {draws}, {batch}, seed=0)
 print("SECONDS", time.perf_counter() - t0)
 """
 
 
-def llc_inputs(n):
-    """The LLC benchmark's params and data as JAX arrays."""
+def llc_inputs(layers, x, y):
+    """The LLC benchmark's problem (``_llc_problem``) as JAX arrays."""
     import jax.numpy as jnp
 
-    layers, x, y = _llc_problem(n)
     params = [{k: jnp.asarray(v) for k, v in layer.items()}
               for layer in layers]
     return params, (jnp.asarray(x), jnp.asarray(y))
@@ -401,7 +400,7 @@ def bench_llc(n, chains, draws, batch, warm_repeats, wait=0.0, cache=False):
         return {"skipped": msg}
     layers, x, y = _llc_problem(n)
     nbeta = so.default_nbeta(batch)
-    params, data = llc_inputs(n)
+    params, data = llc_inputs(layers, x, y)
 
     def ours(seed):
         return llc_ours(params, data, chains, draws, batch, seed)
