@@ -33,8 +33,8 @@ from jax import lax
 from jax.experimental import io_callback
 
 from sgld_optax._src import base
-from sgld_optax._src import noise as noise_lib
 from sgld_optax._src import diagnostics
+from sgld_optax._src import noise as noise_lib
 from sgld_optax._src import sgld as sgld_lib
 from sgld_optax._src.metrics import Metrics
 
