@@ -16,6 +16,7 @@ from sgld_optax._src.theory import LearningCoefficient
 from sgld_optax._src.theory import aoyagi_learning_coefficient
 from sgld_optax._src.theory import reduced_rank_regression_learning_coefficient
 from sgld_optax._src.theory import regular_learning_coefficient
+from sgld_optax._src.xla_options import compiler_options
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = (
     "SGLDState",
     "SketchBuffer",
     "aoyagi_learning_coefficient",
+    "compiler_options",
     "default_nbeta",
     "effective_sample_size",
     "estimate_llc",
