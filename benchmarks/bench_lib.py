@@ -157,9 +157,13 @@ class OursStep:
     hlo_text: str = ""        # the compiled step's optimized HLO
 
 
-def ours_step(mode: str, params_np, grads_np, device=None, inner: int = 1
-              ) -> OursStep:
-    """Builds our step; each ``call()`` takes ``inner`` steps, then waits."""
+def ours_step(mode: str, params_np, grads_np, device=None, inner: int = 1,
+              compiler_options: Optional[dict] = None) -> OursStep:
+    """Builds our step; each ``call()`` takes ``inner`` steps, then waits.
+
+    ``compiler_options`` go to the ``jax.jit`` of the step (for example
+    ``so.compiler_options()``).
+    """
     import jax
     import jax.numpy as jnp
     import optax
@@ -181,7 +185,8 @@ def ours_step(mode: str, params_np, grads_np, device=None, inner: int = 1
         updates, s = tx.update(g, s, p)
         return optax.apply_updates(p, updates), s
 
-    jitted = jax.jit(step, donate_argnums=(0, 1))
+    jitted = jax.jit(step, donate_argnums=(0, 1),
+                     compiler_options=compiler_options or None)
     temp, hlo = None, ""
     t0 = time.perf_counter()
     compiled = jitted.lower(params, state, grads).compile()
@@ -203,13 +208,15 @@ def ours_step(mode: str, params_np, grads_np, device=None, inner: int = 1
     return OursStep(call, state_bytes, temp, compile_s, hlo)
 
 
-def floor_steps(params_np, grads_np, device=None, inner: int = 1):
+def floor_steps(params_np, grads_np, device=None, inner: int = 1,
+                compiler_options: Optional[dict] = None):
     """The floor: a fused update without noise, and a copy of the same bytes.
 
     Returns ``(update, copy)`` callables. The update is
     ``w <- w - (lr/2)(nbeta g + loc (w - w0))`` over the same leaves, jitted
     with ``w`` donated; the copy writes the params' bytes into a donated
-    buffer of the same size.
+    buffer of the same size. ``compiler_options`` go to the update's
+    ``jax.jit``.
     """
     import jax
     import jax.numpy as jnp
@@ -226,7 +233,8 @@ def floor_steps(params_np, grads_np, device=None, inner: int = 1):
             lambda w, gg, c: w - h * (NBETA * gg + LOCALIZATION * (w - c)),
             p, g, w0)
 
-    upd = jax.jit(update, donate_argnums=0)
+    upd = jax.jit(update, donate_argnums=0,
+                  compiler_options=compiler_options or None)
     cpy = jax.jit(lambda dst, src: jax.tree.map(lambda s: s + 0.0, src),
                   donate_argnums=0)
     hp = [p]

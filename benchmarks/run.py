@@ -9,6 +9,8 @@ in turns (see ``bench_lib.interleaved``), reporting medians:
 
 1. the optimizer step alone, plain, with metrics and with count sketches
    (``sketch_dim=1024``), at each size (default 1M, 4M and 16M parameters);
+   where ``so.compiler_options()`` sets anything on this machine, our steps
+   and the floor are also timed compiled with it;
 2. the memory the sampler keeps beyond the parameters, per parameter;
 3. LLC estimation end to end: ``so.estimate_llc`` against devinterp's
    ``SGLD`` in a plain PyTorch loop, cold (first call, compilation included)
@@ -85,21 +87,32 @@ def _timed(fns, repeats, warmup, wait):
 def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0):
     """Times every mode at every size; at ``profile_size`` also profiles
     our compiled steps kernel by kernel."""
+    import sgld_optax as so
+
+    # Our steps are also timed compiled with so.compiler_options(), where it
+    # sets anything on this machine (512-bit vectors on AVX-512 CPUs).
+    wide = so.compiler_options()
     rows = []
     for n_req in sizes:
         params, grads = bl.make_arrays(n_req)
         n = bl.num_params(params)
         label = bl.size_label(n_req)
         repeats = repeats_for(n)
-        row = {"label": label, "n": n, "requested": n_req, "modes": {}}
+        row = {"label": label, "n": n, "requested": n_req, "modes": {},
+               "compiler_options": wide}
         for mode in bl.MODES:
             bl.log(f"[step] {label} ({n:,} params) {mode}: compiling and "
                    f"timing {repeats} steps each")
             ours = bl.run_quietly(bl.ours_step, mode, params, grads)
             theirs = bl.run_quietly(bl.devinterp_step, mode, params, grads)
-            t, busy = _timed({"ours": ours.call, "devinterp": theirs.call},
-                             repeats, warmup, wait)
+            fns = {"ours": ours.call, "devinterp": theirs.call}
+            if wide:
+                fns["ours_wide"] = bl.run_quietly(
+                    bl.ours_step, mode, params, grads,
+                    compiler_options=wide).call
+            t, busy = _timed(fns, repeats, warmup, wait)
             row["modes"][mode] = {
+                "ours_wide_ms": bl.median_ms(t["ours_wide"]) if wide else None,
                 "busy": busy,
                 "ours_ms": bl.median_ms(t["ours"]),
                 "devinterp_ms": bl.median_ms(t["devinterp"]),
@@ -119,16 +132,21 @@ def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0):
                 except Exception as err:  # the profiler is best effort
                     kp = {"error": repr(err)}
                 row["modes"][mode]["kernels"] = kp
-            del ours, theirs
+            del ours, theirs, fns
             gc.collect()
         bl.log(f"[floor] {label}: fused update without noise, and a copy")
         upd, cpy = bl.run_quietly(bl.floor_steps, params, grads)
-        t, row["floor_busy"] = _timed({"update": upd, "copy": cpy}, repeats,
-                                      warmup, wait)
+        fns = {"update": upd, "copy": cpy}
+        if wide:
+            fns["update_wide"] = bl.run_quietly(
+                bl.floor_steps, params, grads, compiler_options=wide)[0]
+        t, row["floor_busy"] = _timed(fns, repeats, warmup, wait)
         row["floor_ms"] = bl.median_ms(t["update"])
+        row["floor_wide_ms"] = (bl.median_ms(t["update_wide"]) if wide
+                                else None)
         row["copy_ms"] = bl.median_ms(t["copy"])
         row["bytes"] = 4 * n
-        del upd, cpy, params, grads
+        del upd, cpy, fns, params, grads
         gc.collect()
         rows.append(row)
     return rows
@@ -491,6 +509,15 @@ def _why(key, r, memory, llc, prof):
                          f"scatter-add {bk[bl.KINDS[0]]:.3g} ms, other "
                          f"elementwise {bk[other_kind]:.3g} ms")
         return text
+    if key in ("metrics wide", "sketch wide"):
+        mode = key.split()[0]
+        wide = {m: r["modes"][m]["ours_wide_ms"] for m in bl.MODES}
+        return (f"+{wide[mode] - wide['plain']:.3g} ms over the plain step "
+                f"({wide['plain']:.3g} ms) compiled the same way; the same "
+                "kernels as without the options, each faster")
+    if key == "floor wide":
+        return (f"plain step {r['modes']['plain']['ours_wide_ms']:.3g} ms vs "
+                f"{r['floor_wide_ms']:.3g} ms without noise")
     if key == "floor":
         parts = prof["parts"]
         text = (f"the noise: plain step {ms['plain']:.3g} ms vs "
@@ -522,6 +549,12 @@ def _why(key, r, memory, llc, prof):
                      " the torch loop's cold time)")
         return text
     return ""
+
+
+def _options_text(options) -> str:
+    """How a row names the jit of ``so.compiler_options()``."""
+    return ("both jitted with `so.compiler_options()` ("
+            + ", ".join(f"{k}={v}" for k, v in options.items()) + ")")
 
 
 def targets(rows, memory, llc, prof):
@@ -565,6 +598,18 @@ def targets(rows, memory, llc, prof):
     add(f"plain step at {lab} within 4x of the floor (fused update, no noise)",
         plain / r["floor_ms"], 4.0, "le", "floor",
         busy=(busy["plain"], r.get("floor_busy")))
+    if r.get("compiler_options"):
+        wide = {m: r["modes"][m]["ours_wide_ms"] for m in bl.MODES}
+        opts = _options_text(r["compiler_options"])
+        add(f"metrics overhead at {lab}, {opts}",
+            wide["metrics"] / wide["plain"], 1.25, "le", "metrics wide",
+            busy=(busy["plain"], busy["metrics"]))
+        add(f"sketch overhead at {lab}, {opts}",
+            wide["sketch"] / wide["plain"], 1.5, "le", "sketch wide",
+            busy=(busy["plain"], busy["sketch"]))
+        add(f"plain step at {lab} within 4x of the floor, {opts}",
+            wide["plain"] / r["floor_wide_ms"], 4.0, "le", "floor wide",
+            busy=(busy["plain"], r.get("floor_busy")))
     for mode in bl.MODES:
         add(f"state memory, {mode}: <= 4 bytes/param + a constant",
             memory[mode]["ours"]["per_param"], 4.0, "le", "memory",
@@ -634,22 +679,41 @@ def render(results) -> str:
                "share of the CPU other processes used while the row was "
                "timed.")
     out.append("")
+    wide = any(r.get("compiler_options") for r in rows)
+    if wide:
+        out.append("*Options*: our step compiled with `so.compiler_options()` ("
+                   + ", ".join(f"`{k}={v}`" for k, v in
+                               rows[0]["compiler_options"].items())
+                   + "), timed in the same turns; its *vs plain* and *vs "
+                   "floor* compare with our plain step and the fused update "
+                   "compiled the same way.")
+        out.append("")
     table = []
     for r in rows:
         plain = r["modes"]["plain"]["ours_ms"]
         for mode in bl.MODES:
             m = r["modes"][mode]
-            table.append([
+            line = [
                 f"{r['label']} ({r['n']:,})", mode,
                 f"{m['devinterp_ms']:.2f}", f"{m['ours_ms']:.2f}",
                 f"**{m['ours_ms'] / m['devinterp_ms']:.2f}**",
                 f"{m['ours_ms'] / plain:.2f}",
-                f"{m['ours_ms'] / r['floor_ms']:.1f}",
-                f"{_gbps(16 * r['n'], m['ours_ms']):.1f}",
-                _pct(m.get("busy"))])
-    out.append(_md_table(["params", "mode", "devinterp ms", "ours ms",
-                          "ours / devinterp", "vs plain", "vs floor",
-                          "ours GB/s", "busy"], table))
+                f"{m['ours_ms'] / r['floor_ms']:.1f}"]
+            if wide:
+                w, wp = m.get("ours_wide_ms"), r["modes"]["plain"].get(
+                    "ours_wide_ms")
+                line += (["n/a"] * 4 if w is None else [
+                    f"{w:.2f}", f"{w / m['devinterp_ms']:.2f}",
+                    f"{w / wp:.2f}", f"{w / r['floor_wide_ms']:.1f}"])
+            line += [f"{_gbps(16 * r['n'], m['ours_ms']):.1f}",
+                     _pct(m.get("busy"))]
+            table.append(line)
+    header = ["params", "mode", "devinterp ms", "ours ms", "ours / devinterp",
+              "vs plain", "vs floor"]
+    if wide:
+        header += ["options: ours ms", "ours / devinterp", "vs plain",
+                   "vs floor"]
+    out.append(_md_table(header + ["ours GB/s", "busy"], table))
     out.append("")
     out.append("### The floor")
     out.append("")
@@ -659,11 +723,16 @@ def render(results) -> str:
     out.append("")
     out.append(_md_table(
         ["params", "fused update ms", "update GB/s (16 B/param)", "copy ms",
-         "copy GB/s (8 B/param)", "our plain step / update"],
+         "copy GB/s (8 B/param)", "our plain step / update"]
+        + (["options: fused update ms", "our plain step / update"]
+           if wide else []),
         [[f"{r['label']} ({r['n']:,})", f"{r['floor_ms']:.2f}",
           f"{_gbps(16 * r['n'], r['floor_ms']):.1f}", f"{r['copy_ms']:.2f}",
           f"{_gbps(8 * r['n'], r['copy_ms']):.1f}",
           f"{r['modes']['plain']['ours_ms'] / r['floor_ms']:.1f}"]
+         + ([f"{r['floor_wide_ms']:.2f}",
+             f"{r['modes']['plain']['ours_wide_ms'] / r['floor_wide_ms']:.1f}"]
+            if wide else [])
          for r in rows]))
     out.append("")
     out.append("### Memory")
@@ -804,6 +873,10 @@ def plot(rows, path):
                 color=colors[mode], label=f"devinterp {mode}")
         ax.plot(ns, [r["modes"][mode]["ours_ms"] for r in rows], "-s",
                 color=colors[mode], label=f"sgld_optax {mode}")
+    if all(r["modes"]["plain"].get("ours_wide_ms") for r in rows):
+        ax.plot(ns, [r["modes"]["plain"]["ours_wide_ms"] for r in rows], "-.D",
+                color=colors["plain"], label="sgld_optax plain, "
+                "so.compiler_options()")
     ax.plot(ns, [r["floor_ms"] for r in rows], ":^", color="0.3",
             label="fused update, no noise")
     ax.plot(ns, [r["copy_ms"] for r in rows], ":v", color="0.6",

@@ -60,6 +60,15 @@ def test_quick_run_writes_page_plot_and_results(tmp_path):
         assert row["modes"][mode]["ours_ms"] > 0
         assert row["modes"][mode]["devinterp_ms"] > 0
     assert row["floor_ms"] > 0 and row["copy_ms"] > 0
+    # Where so.compiler_options() sets anything, our steps and the floor are
+    # also timed compiled with it, and three more targets are judged.
+    import sgld_optax as so
+    wide = so.compiler_options("cpu")
+    assert row["compiler_options"] == wide
+    for mode in ("plain", "metrics", "sketch"):
+        assert (row["modes"][mode]["ours_wide_ms"] > 0) if wide else (
+            row["modes"][mode]["ours_wide_ms"] is None)
+    assert (row["floor_wide_ms"] > 0) if wide else row["floor_wide_ms"] is None
     # Both keep the initial params: 4 bytes per float32 param; devinterp's
     # sketch tables add 12 more.
     assert results["memory"]["plain"]["ours"]["per_param"] == pytest.approx(4)
@@ -68,7 +77,9 @@ def test_quick_run_writes_page_plot_and_results(tmp_path):
     llc = results["llc"]
     if "skipped" not in llc:
         assert llc["ours_warm_s"] > 0 and llc["devinterp_warm_s"] > 0
-    assert len(results["targets"]) == 11
+    assert len(results["targets"]) == (14 if wide else 11)
+    if wide:
+        assert "so.compiler_options()" in page
     # A --out run leaves the docs alone.
     assert sorted((ROOT / "docs").rglob("*")) == docs_before
 
