@@ -227,6 +227,31 @@ def test_second_call_reuses_the_compiled_loop():
     assert len(traces) == after_stream
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_compiled_with_the_compiler_options(monkeypatch, streamed):
+    # estimate_llc compiles its programs with so.compiler_options(): an
+    # option the compiler rejects makes it fail, and 512-bit vectors give the
+    # same chains as none.
+    data = _Loader(SMALL_DATA, batch_size=30) if streamed else SMALL_DATA
+    kwargs = dict(key=2, learning_rate=1e-3, nbeta=30.0, num_chains=2,
+                  num_draws=20, save_metrics=True, progress=False)
+    if not streamed:
+        kwargs["batch_size"] = 30
+
+    def run(options):
+        monkeypatch.setattr(llc_lib, "compiler_options",
+                            lambda backend=None: dict(options))
+        return so.estimate_llc(affine_loss, {"w": SMALL_W, "b": jnp.zeros(2)},
+                               data, **kwargs)
+
+    with pytest.raises(Exception, match="xla_cpu_no_such_option"):
+        run({"xla_cpu_no_such_option": 1})
+    plain = run({})
+    wide = run({"xla_cpu_prefer_vector_width": 512})
+    np.testing.assert_array_equal(wide.loss_trace, plain.loss_trace)
+    assert wide.init_loss == plain.init_loss
+
+
 # ---------------------------------------------------------------------------
 # Results, divergence and diagnostics.
 

@@ -37,6 +37,7 @@ from sgld_optax._src import diagnostics
 from sgld_optax._src import noise as noise_lib
 from sgld_optax._src import sgld as sgld_lib
 from sgld_optax._src.metrics import Metrics
+from sgld_optax._src.xla_options import compiler_options
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting
     from matplotlib.figure import Figure
@@ -450,7 +451,28 @@ def _report_progress(run_id, done):
             bar.update(done - bar.n)
 
 
-@functools.partial(jax.jit, static_argnames=("static",))
+def _jit(**jit_kwargs):
+    """``jax.jit(fun, **jit_kwargs)`` compiled with ``compiler_options()``.
+
+    The options depend on the backend, so they are looked up at each call
+    (not at import) and one jitted function is kept per set of options.
+    """
+    def wrap(fun):
+        jitted = {}
+
+        @functools.wraps(fun)
+        def call(*args, **kwargs):
+            options = compiler_options(jax.default_backend())
+            key = tuple(sorted(options.items()))
+            if key not in jitted:
+                jitted[key] = jax.jit(fun, compiler_options=options or None,
+                                      **jit_kwargs)
+            return jitted[key](*args, **kwargs)
+        return call
+    return wrap
+
+
+@_jit(static_argnames=("static",))
 def _sample_in_memory(static: _Static, hyper: _Hyper, mask, params, data, key,
                       chain_ids, run_id):
     n = _leading_size(data)
@@ -543,20 +565,20 @@ def _flat(static: _Static, mask, params):
 # Sampling from an iterable of batches: one compiled step, fed from the host.
 
 
-@functools.partial(jax.jit, static_argnames=("static",))
+@_jit(static_argnames=("static",))
 def _init_streamed(static, hyper, mask, params, key, chain_ids):
     static, mask, params = _flat(static, mask, params)
     return _init_chains(static, hyper, mask, params, key, chain_ids)[1]
 
 
-@functools.partial(jax.jit, static_argnames=("static",), donate_argnums=(3,))
+@_jit(static_argnames=("static",), donate_argnums=(3,))
 def _step_streamed(static, hyper, mask, chains, params, batches):
     static, mask, params = _flat(static, mask, params)
     return _step_all(static, _sampler(static, hyper, mask), chains, params,
                      batches)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn",))
+@_jit(static_argnames=("loss_fn",))
 def _batch_loss(loss_fn, params, batch):
     return loss_fn(params, batch).astype(jnp.float32)
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 _WIDE_VECTORS = {"xla_cpu_prefer_vector_width": 512}
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_has_avx512() -> bool:
     """Whether this host's CPU reports AVX-512F (read from /proc/cpuinfo)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
