@@ -495,7 +495,8 @@ def _tags(body: str, comps, depth=0) -> set:
 
 
 def xla_kernel_profile(call: Callable[[], None], hlo_text: str,
-                       calls: int = 5, top: int = 12):
+                       calls: int = 5, top: int = 12,
+                       steps_per_call: int = 1):
     """Per-kernel wall time of a compiled step, from JAX's profiler.
 
     Runs ``call`` ``calls`` times under ``jax.profiler.trace`` and matches
@@ -504,8 +505,11 @@ def xla_kernel_profile(call: Callable[[], None], hlo_text: str,
     contains: ``threefry`` (noise bits), ``transform`` (the normal
     transform's logarithm), ``reduce``, ``scatter``, ``hash`` (sketch buckets).
 
+    With ``steps_per_call`` > 1 (``call`` runs the step that many times)
+    the times are per step.
+
     Returns:
-      A dict: ``top``, rows ``(name, ms per call, tags, op_name)`` longest
+      A dict: ``top``, rows ``(name, ms per step, tags, op_name)`` longest
       first (at most ``top``); ``total_ms``, the sum over every matched
       kernel (kernels may overlap on several threads); ``by_kind``, that
       sum split by kind (see ``_by_kind``); ``kernels_with_threefry``, how
@@ -549,7 +553,8 @@ def xla_kernel_profile(call: Callable[[], None], hlo_text: str,
     ms: Dict[str, float] = {}
     for e in events:
         if e.get("ph") == "X" and e.get("name") in instrs:
-            ms[e["name"]] = ms.get(e["name"], 0.0) + e["dur"] / 1e3 / calls
+            ms[e["name"]] = ms.get(e["name"], 0.0) + (
+                e["dur"] / 1e3 / calls / steps_per_call)
     rows = sorted(((k, v, sorted(instrs[k][0]), instrs[k][1])
                    for k, v in ms.items()), key=lambda r: -r[1])
     return {"top": rows[:top], "total_ms": sum(ms.values()),

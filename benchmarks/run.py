@@ -84,9 +84,14 @@ def _timed(fns, repeats, warmup, wait):
     return best
 
 
-def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0):
+def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0,
+                inner=1):
     """Times every mode at every size; at ``profile_size`` also profiles
-    our compiled steps kernel by kernel."""
+    our compiled steps kernel by kernel.
+
+    Each timed call takes ``inner`` steps back to back (then waits for the
+    last); times are per step.
+    """
     import sgld_optax as so
 
     # Our steps are also timed compiled with so.compiler_options(), where it
@@ -103,14 +108,17 @@ def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0):
         for mode in bl.MODES:
             bl.log(f"[step] {label} ({n:,} params) {mode}: compiling and "
                    f"timing {repeats} steps each")
-            ours = bl.run_quietly(bl.ours_step, mode, params, grads)
-            theirs = bl.run_quietly(bl.devinterp_step, mode, params, grads)
+            ours = bl.run_quietly(bl.ours_step, mode, params, grads,
+                                  inner=inner)
+            theirs = bl.run_quietly(bl.devinterp_step, mode, params, grads,
+                                    inner=inner)
             fns = {"ours": ours.call, "devinterp": theirs.call}
             if wide:
                 fns["ours_wide"] = bl.run_quietly(
-                    bl.ours_step, mode, params, grads,
+                    bl.ours_step, mode, params, grads, inner=inner,
                     compiler_options=wide).call
             t, busy = _timed(fns, repeats, warmup, wait)
+            t = {k: [x / inner for x in v] for k, v in t.items()}
             row["modes"][mode] = {
                 "ours_wide_ms": bl.median_ms(t["ours_wide"]) if wide else None,
                 "busy": busy,
@@ -128,19 +136,21 @@ def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0):
                     bl.wait_for_idle(wait, threshold=BUSY, window_s=2.0)
                 try:
                     kp = bl.run_quietly(bl.xla_kernel_profile, ours.call,
-                                        ours.hlo_text)
+                                        ours.hlo_text, steps_per_call=inner)
                 except Exception as err:  # the profiler is best effort
                     kp = {"error": repr(err)}
                 row["modes"][mode]["kernels"] = kp
             del ours, theirs, fns
             gc.collect()
         bl.log(f"[floor] {label}: fused update without noise, and a copy")
-        upd, cpy = bl.run_quietly(bl.floor_steps, params, grads)
+        upd, cpy = bl.run_quietly(bl.floor_steps, params, grads, inner=inner)
         fns = {"update": upd, "copy": cpy}
         if wide:
             fns["update_wide"] = bl.run_quietly(
-                bl.floor_steps, params, grads, compiler_options=wide)[0]
+                bl.floor_steps, params, grads, inner=inner,
+                compiler_options=wide)[0]
         t, row["floor_busy"] = _timed(fns, repeats, warmup, wait)
+        t = {k: [x / inner for x in v] for k, v in t.items()}
         row["floor_ms"] = bl.median_ms(t["update"])
         row["floor_wide_ms"] = (bl.median_ms(t["update_wide"]) if wide
                                 else None)
@@ -650,8 +660,9 @@ def render(results) -> str:
     out.append(f"Measured {results['date']} with `{results['command']}` "
                f"in {results['wall_s']:.0f} s. Step times are medians over "
                f"{', '.join(str(r['repeats']) for r in rows)} calls per size "
-               "(both libraries timed in turns); ratios are ours / devinterp, "
-               "so lower is better for us.")
+               f"of {rows[0].get('inner', 1)} steps each, back to back, "
+               "divided by the steps (both libraries timed in turns); ratios "
+               "are ours / devinterp, so lower is better for us.")
     out.append("")
     out.append(f"Machine: {env['cpu']}, {env['cores']} cores, PyTorch on "
                f"{env['torch threads']} threads, JAX on {env['jax devices']}. "
@@ -921,6 +932,9 @@ def main(argv=None):
                    "1M,4M,16M (the default) or 20000,64K")
     p.add_argument("--repeats", type=int,
                    help="timed calls per step benchmark (default: by size)")
+    p.add_argument("--inner", type=int,
+                   help="steps per timed call, back to back (default 5, 1 "
+                   "with --quick)")
     p.add_argument("--no-llc", action="store_true",
                    help="skip the end-to-end LLC benchmark")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"),
@@ -943,7 +957,9 @@ def main(argv=None):
     elif args.quick:
         repeats_for = lambda n: 3  # noqa: E731
     else:
-        repeats_for = lambda n: 30 if n < 2e6 else (20 if n < 8e6 else 10)  # noqa: E731
+        repeats_for = lambda n: 12 if n < 2e6 else (8 if n < 8e6 else 6)  # noqa: E731
+    inner = args.inner if args.inner is not None else (1 if args.quick else 5)
+    inner = max(1, inner)
     warmup = 1 if args.quick else 3
 
     if args.wait_idle is None:
@@ -962,9 +978,10 @@ def main(argv=None):
 
     profile_size = min(sizes, key=lambda n: abs(math.log(n / TARGET_SIZE)))
     rows = bench_sizes(sizes, repeats_for, warmup, profile_size,
-                       args.wait_idle)
+                       args.wait_idle, inner)
     for r in rows:
         r["repeats"] = repeats_for(r["n"])
+        r["inner"] = inner
     memory = memory_fit()
     profile_n = sum(math.prod(s) for s in bl.leaf_shapes(profile_size).values())
     prof = profile(profile_size, repeats_for(profile_n), warmup, args.wait_idle)
