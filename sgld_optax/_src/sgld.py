@@ -439,9 +439,12 @@ def _sketch_bases(cs: CountSketch, bases, scales) -> SketchBuffer:
     for vecs in bases:
         # Component j (scaled grad, localization, weight decay, noise) is
         # a multiple of base vector j (grad, displacement, weight, noise).
-        rows = jnp.stack([vecs[j].reshape(-1).astype(jnp.float32)
-                          for j in present])
-        buf = buf + cs._scatter_columns(rows, offset)
+        # One scatter per vector: stacking the vectors first is a
+        # concatenation, which XLA's CPU loops do not vectorise (about 8%
+        # slower at 4M params).
+        buf = buf + jnp.stack([
+            cs._scatter_columns(vecs[j].reshape(-1).astype(jnp.float32),
+                                offset) for j in present])
         offset += vecs[3].size
     zero = jnp.zeros((cs.output_dim,), jnp.float32)
     col = {j: buf[k] * scales[j] for k, j in enumerate(present)}
