@@ -107,7 +107,7 @@ def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0,
                "compiler_options": wide}
         for mode in bl.MODES:
             bl.log(f"[step] {label} ({n:,} params) {mode}: compiling and "
-                   f"timing {repeats} steps each")
+                   f"timing {repeats} calls of {inner} steps each")
             ours = bl.run_quietly(bl.ours_step, mode, params, grads,
                                   inner=inner)
             theirs = bl.run_quietly(bl.devinterp_step, mode, params, grads,
