@@ -98,6 +98,23 @@ def test_page_keeps_text_outside_the_markers(tmp_path):
     assert run.BEGIN in fresh.read_text() and "table" in fresh.read_text()
 
 
+def test_overhead_rows_compare_the_work_alone_with_the_budget():
+    run = _load("run")
+    row = {"modes": {"plain": {"ours_ms": 10.0}, "metrics": {"ours_ms": 30.0},
+                     "sketch": {"ours_ms": 40.0}}}
+    prof = {"parts": {
+        "metrics: the 6 reductions alone, inputs in memory": 7.0,
+        "sketch: hash + scatter-add of 3 columns": 4.0}}
+    # Budgets: 0.25 x 10 ms for metrics, 0.5 x 10 ms for sketches.
+    why = run._why("metrics", row, None, {}, prof)
+    assert "+20 ms over the plain step" in why
+    assert "take 7 ms, more than the 2.5 ms the target allows" in why
+    why = run._why("sketch", row, None, {}, prof)
+    assert "take 4 ms, less than the 5 ms the target allows" in why
+    # Without the parts (they are best effort) the sentence is left out.
+    assert "allows" not in run._why("metrics", row, None, {}, {"parts": {}})
+
+
 def test_sizes_and_shapes():
     bl = _load("bench_lib")
     assert bl.parse_size("4M") == 4 << 20
