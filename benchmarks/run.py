@@ -60,12 +60,13 @@ LLC_LOCALIZATION = 100.0
 BUSY = 0.1  # share of the CPU used by others above which a section is redone
 
 
-def _timed(fns, repeats, warmup, wait):
+def _timed(fns, repeats, warmup, wait, steps_per_call=1):
     """``bl.interleaved`` after waiting (up to ``wait`` s) for an idle CPU.
 
     With ``wait`` > 0, a section during which other processes used more than
     ``BUSY`` of the CPU is timed again, up to twice, and the quietest attempt
-    kept. Returns the samples and the share of CPU other processes used.
+    kept. Returns the samples, per step when each call takes
+    ``steps_per_call`` steps, and the share of CPU other processes used.
     """
     best = None
     for attempt in range(3 if wait > 0 else 1):
@@ -81,7 +82,8 @@ def _timed(fns, repeats, warmup, wait):
             break
         bl.log(f"[busy] other processes used {busy:.0%} of the CPU: "
                "timing this section again")
-    return best
+    t, busy = best
+    return {k: [x / steps_per_call for x in v] for k, v in t.items()}, busy
 
 
 def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0,
@@ -117,8 +119,7 @@ def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0,
                 fns["ours_wide"] = bl.run_quietly(
                     bl.ours_step, mode, params, grads, inner=inner,
                     compiler_options=wide).call
-            t, busy = _timed(fns, repeats, warmup, wait)
-            t = {k: [x / inner for x in v] for k, v in t.items()}
+            t, busy = _timed(fns, repeats, warmup, wait, inner)
             row["modes"][mode] = {
                 "ours_wide_ms": bl.median_ms(t["ours_wide"]) if wide else None,
                 "busy": busy,
@@ -149,8 +150,7 @@ def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0,
             fns["update_wide"] = bl.run_quietly(
                 bl.floor_steps, params, grads, inner=inner,
                 compiler_options=wide)[0]
-        t, row["floor_busy"] = _timed(fns, repeats, warmup, wait)
-        t = {k: [x / inner for x in v] for k, v in t.items()}
+        t, row["floor_busy"] = _timed(fns, repeats, warmup, wait, inner)
         row["floor_ms"] = bl.median_ms(t["update"])
         row["floor_wide_ms"] = (bl.median_ms(t["update_wide"]) if wide
                                 else None)
