@@ -180,7 +180,7 @@ class CountSketch:
             idx = jnp.asarray(self.hash_indices[offset:offset + size])
             neg = jnp.asarray(self.hash_signs[offset:offset + size] < 0)
             return idx + k * neg.astype(jnp.int32)
-        s1, s2 = self._salts[:2]
+        s1, s2 = self._salts
         i = jax.lax.iota(jnp.uint32, size) + np.uint32(offset)
         x = _fmix32(_fmix32(i ^ s1) + s2)
         # Bucket from the low 31 bits, sign from the top bit.
