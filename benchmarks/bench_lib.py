@@ -15,6 +15,7 @@ change in the machine's load hits both alike; a table reports medians.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import math
@@ -328,9 +329,16 @@ def devinterp_step(mode: str, params_np, grads_np, device: str = "cpu",
 # Machine and versions.
 
 def _version(module: str) -> str:
+    """The installed version of ``module``, or its ``__version__`` when it is
+    importable without being installed (e.g. from ``PYTHONPATH``)."""
     try:
         from importlib.metadata import version
         return version(module)
+    except Exception:
+        pass
+    try:
+        import importlib
+        return str(importlib.import_module(module).__version__)
     except Exception:
         return "not installed"
 
@@ -578,3 +586,110 @@ def _by_kind(rows) -> Dict[str, float]:
                      if any(t in tags for t in m)), KINDS[-1])
         out[kind] += v
     return out
+
+
+# --------------------------------------------------------------------------
+# The end-to-end LLC problem, shared by run.py and gpu.py.
+
+LLC_WIDTHS = (16, 64, 64, 1)
+LLC_LR = 1e-3
+LLC_LOCALIZATION = 100.0
+
+
+def llc_num_params() -> int:
+    """Parameters of the LLC benchmark's MLP."""
+    return sum(a * b + b for a, b in zip(LLC_WIDTHS[:-1], LLC_WIDTHS[1:]))
+
+
+def llc_problem(n, seed=0):
+    """A teacher MLP's layers and ``n`` noisy regression points from it."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for fan_in, fan_out in zip(LLC_WIDTHS[:-1], LLC_WIDTHS[1:]):
+        layers.append({
+            "w": (rng.standard_normal((fan_in, fan_out)) / math.sqrt(fan_in)
+                  ).astype(np.float32),
+            "b": (0.1 * rng.standard_normal(fan_out)).astype(np.float32)})
+    x = rng.standard_normal((n, LLC_WIDTHS[0])).astype(np.float32)
+    h = x
+    for i, layer in enumerate(layers):
+        h = h @ layer["w"] + layer["b"]
+        if i < len(layers) - 1:
+            h = np.tanh(h)
+    y = (h + 0.1 * rng.standard_normal(h.shape)).astype(np.float32)
+    return layers, x, y
+
+
+def mlp_loss(params, batch):
+    """Mean squared error of the tanh MLP ``params`` on ``batch = (x, y)``."""
+    import jax.numpy as jnp
+    x, y = batch
+    h = x
+    for i, layer in enumerate(params):
+        h = h @ layer["w"] + layer["b"]
+        if i < len(params) - 1:
+            h = jnp.tanh(h)
+    return jnp.mean((h - y) ** 2)
+
+
+def torch_llc(layers, x, y, *, chains, draws, batch, nbeta, seed,
+              device="cpu"):
+    """The LLC benchmark's work with devinterp's ``SGLD`` in a PyTorch loop.
+
+    One chain after another: copy the model, build ``SGLD``, then per step
+    sample a batch, backward, step. Everything lives on ``device``; the
+    losses stay there until the end, so a GPU loop never waits per step.
+    """
+    import torch
+    from devinterp.optim.sgld import SGLD
+
+    torch.manual_seed(seed)
+    mods = []
+    for i, layer in enumerate(layers):
+        lin = torch.nn.Linear(*layer["w"].shape)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(layer["w"].T.copy()))
+            lin.bias.copy_(torch.from_numpy(layer["b"]))
+        mods.append(lin)
+        if i < len(layers) - 1:
+            mods.append(torch.nn.Tanh())
+    model = torch.nn.Sequential(*mods).to(device)
+    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    n = xt.shape[0]
+    with torch.no_grad():
+        init_loss = torch.nn.functional.mse_loss(model(xt), yt).item()
+    losses = torch.empty(chains, draws, device=device)
+    for c in range(chains):
+        m = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            opt = SGLD(m.parameters(), lr=LLC_LR, nbeta=nbeta,
+                       localization=LLC_LOCALIZATION)
+        for t in range(draws):
+            idx = torch.randint(0, n, (batch,), device=device)
+            loss = torch.nn.functional.mse_loss(m(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[c, t] = loss.detach()
+    per_chain = nbeta * (losses.double().mean(dim=1) - init_loss)
+    return float(per_chain.mean())
+
+
+def llc_inputs(layers, x, y):
+    """The LLC benchmark's problem (``llc_problem``) as JAX arrays."""
+    import jax.numpy as jnp
+
+    params = [{k: jnp.asarray(v) for k, v in layer.items()}
+              for layer in layers]
+    return params, (jnp.asarray(x), jnp.asarray(y))
+
+
+def llc_ours(params, data, chains, draws, batch, seed):
+    """One ``so.estimate_llc`` run of the LLC benchmark's problem."""
+    import sgld_optax as so
+
+    return so.estimate_llc(
+        mlp_loss, params, data, key=seed, learning_rate=LLC_LR,
+        nbeta=so.default_nbeta(batch), localization=LLC_LOCALIZATION,
+        num_chains=chains, num_draws=draws, batch_size=batch, progress=False)

@@ -27,14 +27,12 @@ is kept, so the hand-written explanation survives a rerun.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 
@@ -47,11 +45,6 @@ END = "<!-- END GENERATED -->"
 PAGE = "benchmarks.md"
 PLOT = "benchmark_step_time.png"
 TARGET_SIZE = 4 << 20
-
-# End-to-end LLC problem.
-LLC_WIDTHS = (16, 64, 64, 1)
-LLC_LR = 1e-3
-LLC_LOCALIZATION = 100.0
 
 
 # --------------------------------------------------------------------------
@@ -296,104 +289,18 @@ def profile(n_req, repeats, warmup, wait=0.0):
 # --------------------------------------------------------------------------
 # 3: LLC end to end.
 
-def _llc_problem(n, seed=0):
-    rng = np.random.default_rng(seed)
-    layers = []
-    for fan_in, fan_out in zip(LLC_WIDTHS[:-1], LLC_WIDTHS[1:]):
-        layers.append({
-            "w": (rng.standard_normal((fan_in, fan_out)) / math.sqrt(fan_in)
-                  ).astype(np.float32),
-            "b": (0.1 * rng.standard_normal(fan_out)).astype(np.float32)})
-    x = rng.standard_normal((n, LLC_WIDTHS[0])).astype(np.float32)
-    h = x
-    for i, layer in enumerate(layers):
-        h = h @ layer["w"] + layer["b"]
-        if i < len(layers) - 1:
-            h = np.tanh(h)
-    y = (h + 0.1 * rng.standard_normal(h.shape)).astype(np.float32)
-    return layers, x, y
-
-
-def mlp_loss(params, batch):
-    """Mean squared error of the tanh MLP ``params`` on ``batch = (x, y)``."""
-    import jax.numpy as jnp
-    x, y = batch
-    h = x
-    for i, layer in enumerate(params):
-        h = h @ layer["w"] + layer["b"]
-        if i < len(params) - 1:
-            h = jnp.tanh(h)
-    return jnp.mean((h - y) ** 2)
-
-
-def _torch_llc(layers, x, y, *, chains, draws, batch, nbeta, seed):
-    import torch
-    from devinterp.optim.sgld import SGLD
-
-    torch.manual_seed(seed)
-    mods = []
-    for i, layer in enumerate(layers):
-        lin = torch.nn.Linear(*layer["w"].shape)
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(layer["w"].T.copy()))
-            lin.bias.copy_(torch.from_numpy(layer["b"]))
-        mods.append(lin)
-        if i < len(layers) - 1:
-            mods.append(torch.nn.Tanh())
-    model = torch.nn.Sequential(*mods)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    n = xt.shape[0]
-    with torch.no_grad():
-        init_loss = torch.nn.functional.mse_loss(model(xt), yt).item()
-    losses = torch.empty(chains, draws)
-    for c in range(chains):
-        m = copy.deepcopy(model)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            opt = SGLD(m.parameters(), lr=LLC_LR, nbeta=nbeta,
-                       localization=LLC_LOCALIZATION)
-        for t in range(draws):
-            idx = torch.randint(0, n, (batch,))
-            loss = torch.nn.functional.mse_loss(m(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses[c, t] = loss.detach()
-    per_chain = nbeta * (losses.double().mean(dim=1) - init_loss)
-    return float(per_chain.mean())
-
-
 _CACHED_COLD_SCRIPT = """
 import sys, time
 sys.path.insert(0, {bench_dir!r})
 import jax
 jax.config.update("jax_compilation_cache_dir", {cache_dir!r})
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-import run
-params, data = run.llc_inputs(*run._llc_problem({n}))
+import bench_lib as bl
+params, data = bl.llc_inputs(*bl.llc_problem({n}))
 t0 = time.perf_counter()
-run.llc_ours(params, data, {chains}, {draws}, {batch}, seed=0)
+bl.llc_ours(params, data, {chains}, {draws}, {batch}, seed=0)
 print("SECONDS", time.perf_counter() - t0)
 """
-
-
-def llc_inputs(layers, x, y):
-    """The LLC benchmark's problem (``_llc_problem``) as JAX arrays."""
-    import jax.numpy as jnp
-
-    params = [{k: jnp.asarray(v) for k, v in layer.items()}
-              for layer in layers]
-    return params, (jnp.asarray(x), jnp.asarray(y))
-
-
-def llc_ours(params, data, chains, draws, batch, seed):
-    """One ``so.estimate_llc`` run of the LLC benchmark's problem."""
-    import sgld_optax as so
-
-    return so.estimate_llc(
-        mlp_loss, params, data, key=seed, learning_rate=LLC_LR,
-        nbeta=so.default_nbeta(batch), localization=LLC_LOCALIZATION,
-        num_chains=chains, num_draws=draws, batch_size=batch, progress=False)
 
 
 def llc_cold_with_cache(n, chains, draws, batch):
@@ -426,15 +333,15 @@ def bench_llc(n, chains, draws, batch, warm_repeats, wait=0.0, cache=False):
         msg = "so.estimate_llc is not available in this build: LLC part skipped"
         bl.log(f"[llc] {msg}")
         return {"skipped": msg}
-    layers, x, y = _llc_problem(n)
+    layers, x, y = bl.llc_problem(n)
     nbeta = so.default_nbeta(batch)
-    params, data = llc_inputs(layers, x, y)
+    params, data = bl.llc_inputs(layers, x, y)
 
     def ours(seed):
-        return llc_ours(params, data, chains, draws, batch, seed)
+        return bl.llc_ours(params, data, chains, draws, batch, seed)
 
     def theirs(seed):
-        return _torch_llc(layers, x, y, chains=chains, draws=draws,
+        return bl.torch_llc(layers, x, y, chains=chains, draws=draws,
                           batch=batch, nbeta=nbeta, seed=seed)
 
     bl.log(f"[llc] {chains} chains x {draws} draws, batch {batch}, n={n}: "
@@ -453,7 +360,7 @@ def bench_llc(n, chains, draws, batch, warm_repeats, wait=0.0, cache=False):
     t, warm_busy = _timed({"ours": lambda: bl.run_quietly(ours, 1),
                            "devinterp": lambda: bl.run_quietly(theirs, 1)},
                           warm_repeats, 0, wait)
-    n_params = sum(a * b + b for a, b in zip(LLC_WIDTHS[:-1], LLC_WIDTHS[1:]))
+    n_params = bl.llc_num_params()
     cached = None
     if cache:
         bl.log("[llc] cold runs in fresh processes with a persistent "
@@ -789,10 +696,10 @@ def render(results) -> str:
         out.append(f"Not run: {llc['skipped']}.")
     else:
         out.append(
-            f"MLP {'-'.join(map(str, LLC_WIDTHS))} (tanh, {llc['params']:,} "
+            f"MLP {'-'.join(map(str, bl.LLC_WIDTHS))} (tanh, {llc['params']:,} "
             f"params), {llc['n']:,} synthetic regression points, batch "
             f"{llc['batch']}, {llc['chains']} chains x {llc['draws']} draws, "
-            f"lr {LLC_LR:g}, localization {LLC_LOCALIZATION:g}, nbeta "
+            f"lr {bl.LLC_LR:g}, localization {bl.LLC_LOCALIZATION:g}, nbeta "
             f"{llc['nbeta']:.3g}. Torch: devinterp's `SGLD` in a plain loop, "
             "chain after chain. Ours: `so.estimate_llc` (all chains vmapped in "
             "one compiled program). Cold: the first call in the process "

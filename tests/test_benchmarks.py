@@ -141,14 +141,33 @@ def test_gpu_script_says_why_without_a_gpu():
 
 @needs_devinterp
 def test_gpu_script_runs_on_cpu_when_allowed(tmp_path):
-    # devinterp's side is the step run.py times, checked above.
     out = tmp_path / "gpu.md"
     result = _run(["benchmarks/gpu.py", "--allow-cpu", "--sizes", "4K",
-                   "--modes", "plain", "--repeats", "1", "--inner", "2",
-                   "--no-torch", "--out", str(out)], timeout=120)
+                   "--modes", "plain,sketch", "--repeats", "1", "--inner", "2",
+                   "--llc-repeats", "1", "--llc-draws", "5", "--out", str(out)],
+                  timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     text = out.read_text()
     assert "| plain |" in text and "copy of the params" in text
+    sketch = next(line for line in text.splitlines() if "| sketch |" in line)
+    cells = [c.strip() for c in sketch.strip("|").split("|")]
+    # devinterp ms, ours ms, ratio, overhead over our plain step, kernels.
+    assert all(float(c) > 0 for c in cells[2:7]), cells
+    assert "LLC end to end" in text
+    assert any(line.startswith("| warm |") for line in text.splitlines())
+
+
+@pytest.mark.parametrize("hlo, kernels", [
+    ("HloModule m\n\nfused (p: f32[4]) -> f32[4] {\n  a = f32[4] add(p, p)\n}"
+     "\n\nENTRY main {\n  p0 = f32[4]{0} parameter(0)\n"
+     "  f = f32[4]{0} fusion(p0), kind=kLoop, calls=fused\n"
+     "  s = f32[8]{0} scatter(f, i, u), to_apply=add\n"
+     "  t = (f32[4]{0}) tuple(f)\n}\n", 2),
+    ("no module here", None),
+])
+def test_gpu_script_counts_the_entry_kernels(hlo, kernels):
+    gpu = _load("gpu")
+    assert gpu.entry_kernels(hlo) == kernels
 
 
 def test_cold_llc_with_a_persistent_compilation_cache():
