@@ -312,6 +312,50 @@ def test_sketch_of_concatenation_is_sum_at_offsets(kind):
                                        cols[:, c]))), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["hashed", "tables", "one-row"])
+def test_gpu_sketch_formulation_sums_the_same(kind):
+    # On CUDA and ROCm the sampler sketches through per-row copies of the
+    # buckets (fewer colliding atomic adds); it must sum what the CPU's
+    # one-scatter-per-piece form sums. Pieces shorter than, equal to and
+    # longer than the number of rows, with an uneven last row.
+    sizes = [1, 7, 256, 2000, 1299]
+    d = sum(sizes)
+    k = 2**21 if kind == "one-row" else 13  # the scratch budget allows 1 row
+    if kind == "tables":
+        idx, sgn = random_tables(d, k, seed=6)
+        cs = so.CountSketch.from_tables(idx, sgn, output_dim=k)
+    else:
+        cs = so.CountSketch(d, k, seed=9)
+        idx, sgn = (np.asarray(a) for a in cs.buckets_and_signs(0, d))
+    rng = np.random.default_rng(2)
+    vectors = [rng.normal(size=d).astype(np.float32) for _ in range(3)]
+    ends = np.cumsum(sizes)[:-1]
+    pieces = list(zip(*[np.split(v, ends) for v in vectors]))
+    private = cs._sketch_pieces_privatized(
+        [[jnp.asarray(p) for p in piece] for piece in pieces])
+    one_by_one = cs._sketch_pieces_one_by_one(
+        [[jnp.asarray(p) for p in piece] for piece in pieces])
+    for got, ref, v in zip(private, one_by_one, vectors):
+        want = hand_sketch(idx, sgn, v.astype(np.float64), k)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform,private", [
+    ("cuda", True), ("rocm", True), ("cpu", False), ("tpu", False)])
+def test_sampler_sketches_through_rows_on_gpus_only(platform, private):
+    # Lowered for each platform without running: the program for a GPU
+    # holds the (rows, 2 k, 3) buffer, the others scatter into 2 k buckets.
+    tx = so.sgld(1e-2, nbeta=4.0, localization=1.0, sketch_dim=8, key=1)
+    params = {"w": jnp.ones((30, 20)), "b": jnp.ones(20)}
+    traced = jax.jit(tx.update).trace(params, tx.init(params), params)
+    text = traced.lower(lowering_platforms=(platform,)).as_text()
+    assert ("tensor<256x16x3xf32>" in text) is private
+    assert ("tensor<16xf32>" in text) is not private
+
+
 def test_from_tables_reproduces_hand_computed_sketch():
     d, k = 300, 7
     idx, sgn = random_tables(d, k, seed=2)

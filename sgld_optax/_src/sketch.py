@@ -50,6 +50,19 @@ def _fmix32_np(x: int) -> np.uint32:
         return _fmix32(np.uint32(x & 0xFFFFFFFF))
 
 
+def _replicated(values) -> dict:
+    """Keyword arguments that make a scatter-add's result replicated.
+
+    Under an explicitly sharded mesh the sketch of sharded values is
+    replicated; elsewhere (and on JAX versions without ``jax.typeof``) there
+    is nothing to say.
+    """
+    if not hasattr(jax, "typeof"):
+        return {}
+    return {"out_sharding": jax.typeof(values).sharding.update(
+        spec=jax.sharding.PartitionSpec())}
+
+
 class SketchBuffer(NamedTuple):
     """Count sketches of the five components of the last SGLD step.
 
@@ -224,13 +237,75 @@ class CountSketch:
         signed = self._signed_buckets(offset, columns.shape[-1])
         k = self.output_dim
         wide = jnp.zeros(columns.shape[:-1] + (2 * k,), jnp.float32)
-        kwargs = {}
-        if hasattr(jax, "typeof"):
-            # Under an explicitly sharded mesh the sketch is replicated.
-            kwargs["out_sharding"] = jax.typeof(columns).sharding.update(
-                spec=jax.sharding.PartitionSpec())
-        wide = wide.at[..., signed].add(columns, **kwargs)
+        wide = wide.at[..., signed].add(columns, **_replicated(columns))
         return wide[..., :k] - wide[..., k:]
+
+    def _sketch_concatenated(self, pieces) -> list:
+        """Sketches of ``c`` vectors, each the concatenation of its pieces.
+
+        ``pieces[i][j]`` is the ``i``-th piece (a flat array) of vector ``j``;
+        the pieces of all vectors have one length per ``i``, and piece ``i``
+        starts where piece ``i - 1`` ends. Returns a list of ``c`` float32
+        sketches of shape ``(output_dim,)``.
+
+        How the sums are formed depends on the platform the program runs on
+        (:func:`jax.lax.platform_dependent`); the sketches agree up to the
+        order of float32 additions:
+
+        - CPU (and by default): one scatter-add per piece of each vector,
+          as :meth:`scatter` does. Stacking the vectors into one operand
+          would need a concatenation, which XLA's CPU loops do not
+          vectorise (about 8% slower at 4M params).
+        - CUDA and ROCm GPUs: the scatter-adds of all ``c`` vectors go into
+          a ``(rows, 2 output_dim, c)`` buffer, each contiguous run of a
+          piece into its own row, which is summed over rows at the end. A
+          GPU's scatter-add is an atomic addition per value, and with only
+          ``2 output_dim`` targets the atomics queue up behind each other;
+          spreading them over ``rows`` copies makes a 64M-parameter sketch
+          step about four times faster on an H100.
+        """
+        pieces = [[jnp.asarray(v).reshape(-1) for v in piece]
+                  for piece in pieces]
+        if not pieces or not pieces[0]:
+            return []
+        return jax.lax.platform_dependent(
+            pieces, default=self._sketch_pieces_one_by_one,
+            cuda=self._sketch_pieces_privatized,
+            rocm=self._sketch_pieces_privatized)
+
+    def _sketch_pieces_one_by_one(self, pieces) -> list:
+        zero = jnp.zeros((self.output_dim,), jnp.float32)
+        sketches = [zero] * len(pieces[0])
+        offset = 0
+        for piece in pieces:
+            sketches = [self.scatter(s, v, offset)
+                        for s, v in zip(sketches, piece)]
+            offset += piece[0].shape[0]
+        return sketches
+
+    # Scratch of the privatized sketch, in float32 values per vector sketched;
+    # the number of rows is the largest power of two that fits, at most 256
+    # (measured best or near it at 16M and 64M params on an H100).
+    _PRIVATE_BUDGET = 1 << 21
+    _PRIVATE_ROWS = 256
+
+    def _sketch_pieces_privatized(self, pieces) -> list:
+        k, c = self.output_dim, len(pieces[0])
+        rows = self._PRIVATE_ROWS
+        while rows > 1 and rows * 2 * k > self._PRIVATE_BUDGET:
+            rows //= 2
+        wide = jnp.zeros((rows, 2 * k, c), jnp.float32)
+        offset = 0
+        for piece in pieces:
+            n = piece[0].shape[0]
+            signed = self._signed_buckets(offset, n)
+            run = -(-n // min(rows, n))  # values per row: ceil(n / rows)
+            row = jax.lax.iota(jnp.int32, n) // np.int32(run)
+            values = jnp.stack([v.astype(jnp.float32) for v in piece], axis=-1)
+            wide = wide.at[row, signed].add(values, **_replicated(values))
+            offset += n
+        total = wide.sum(axis=0)
+        return [total[:k, j] - total[k:, j] for j in range(c)]
 
     def sketch(self, v: jax.Array) -> jax.Array:
         """The float32 sketch :math:`S v` of a flat vector ``v`` of length ``input_dim``."""
