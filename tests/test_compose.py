@@ -491,9 +491,6 @@ def sharding_results():
     "auto-plain",
     "auto-sketch",
     "explicit-plain",
-    # BUG (core): fails; CountSketch.scatter's .at[].add cannot resolve the
-    # output sharding when the params are sharded over an Explicit mesh axis
-    # (jax.make_mesh's default).
     "explicit-sketch",
 ])
 def test_sharded_params_keep_sharding_and_values(sharding_results, config):

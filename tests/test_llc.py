@@ -184,10 +184,9 @@ def test_four_devices_agree_with_one(tmp_path):
     local = so.estimate_llc(linreg_loss, w, data, key=5, learning_rate=1e-3,
                             nbeta=30.0, num_chains=8, num_draws=400,
                             batch_size=32, progress=False).loss_trace
-    # Same keys, same chains: the traces agree (to rounding), hence also in
-    # distribution.
+    # Same keys, same chains: the traces agree to rounding (exactly on one
+    # CPU; to float32 rounding when the one device is a GPU).
     np.testing.assert_allclose(sharded, local, rtol=1e-5, atol=1e-6)
-    assert stats.ks_2samp(sharded.ravel(), local.ravel()).pvalue > 0.01
 
 
 # ---------------------------------------------------------------------------
