@@ -317,8 +317,9 @@ def test_gpu_sketch_formulation_sums_the_same(kind):
     # On CUDA and ROCm the sampler sketches through per-row copies of the
     # buckets (fewer colliding atomic adds); it must sum what the CPU's
     # one-scatter-per-piece form sums. Pieces shorter than, equal to and
-    # longer than the number of rows, with an uneven last row.
-    sizes = [1, 7, 256, 2000, 1299]
+    # longer than the number of rows, with an uneven last row, and an empty
+    # one.
+    sizes = [1, 7, 0, 256, 2000, 1299]
     d = sum(sizes)
     k = 2**21 if kind == "one-row" else 13  # the scratch budget allows 1 row
     if kind == "tables":
@@ -348,8 +349,10 @@ def test_gpu_sketch_formulation_sums_the_same(kind):
 def test_sampler_sketches_through_rows_on_gpus_only(platform, private):
     # Lowered for each platform without running: the program for a GPU
     # holds the (rows, 2 k, 3) buffer, the others scatter into 2 k buckets.
+    # Every platform's formulation is traced, an empty leaf's too.
     tx = so.sgld(1e-2, nbeta=4.0, localization=1.0, sketch_dim=8, key=1)
-    params = {"w": jnp.ones((30, 20)), "b": jnp.ones(20)}
+    params = {"w": jnp.ones((30, 20)), "e": jnp.ones((0, 3)),
+              "b": jnp.ones(20)}
     traced = jax.jit(tx.update).trace(params, tx.init(params), params)
     text = traced.lower(lowering_platforms=(platform,)).as_text()
     assert ("tensor<256x16x3xf32>" in text) is private

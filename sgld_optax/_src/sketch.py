@@ -284,8 +284,9 @@ class CountSketch:
         return sketches
 
     # Scratch of the privatized sketch, in float32 values per vector sketched;
-    # the number of rows is the largest power of two that fits, at most 256
-    # (measured best or near it at 16M and 64M params on an H100).
+    # the number of rows is the largest power of two that fits, at most 256.
+    # On an H100, 64 rows were 1.6 to 3x slower than 512 at 16M and 64M
+    # params, and 512 rows 3% to 7% faster than 256, for twice the scratch.
     _PRIVATE_BUDGET = 1 << 21
     _PRIVATE_ROWS = 256
 
@@ -298,6 +299,8 @@ class CountSketch:
         offset = 0
         for piece in pieces:
             n = piece[0].shape[0]
+            if n == 0:
+                continue
             signed = self._signed_buckets(offset, n)
             run = -(-n // min(rows, n))  # values per row: ceil(n / rows)
             row = jax.lax.iota(jnp.int32, n) // np.int32(run)
