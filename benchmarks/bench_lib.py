@@ -388,6 +388,29 @@ def environment() -> Dict[str, str]:
     return env
 
 
+def write_block(path: str, generated: str, begin: str, end: str,
+                new_page: str) -> None:
+    """Writes ``generated`` between the markers ``begin`` and ``end`` of a page.
+
+    Text outside the markers is kept. A page without them gets the block at
+    its end; a missing page is created as ``new_page`` followed by the block.
+    """
+    block = f"{begin}\n\n{generated}\n\n{end}"
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            tail = rest.split(end, 1)[1]
+            text = head + block + tail
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+    else:
+        text = new_page + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def _cpu_seconds():
     """(busy CPU seconds of the whole machine, of this process), or None."""
     try:

@@ -826,21 +826,9 @@ def plot(rows, path):
 
 
 def write_page(path, generated):
-    block = f"{BEGIN}\n\n{generated}\n\n{END}"
-    if os.path.exists(path):
-        with open(path) as f:
-            text = f.read()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            tail = rest.split(END, 1)[1]
-            text = head + block + tail
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-    else:
-        text = ("# Benchmarks\n\nsgld_optax against devinterp 2.0.1, from "
-                "`python benchmarks/run.py`.\n\n" + block + "\n")
-    with open(path, "w") as f:
-        f.write(text)
+    bl.write_block(path, generated, BEGIN, END, new_page=(
+        "# Benchmarks\n\nsgld_optax against devinterp 2.0.1, from "
+        "`python benchmarks/run.py`.\n\n"))
 
 
 def main(argv=None):

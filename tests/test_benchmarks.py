@@ -141,13 +141,23 @@ def test_gpu_script_says_why_without_a_gpu():
 
 @needs_devinterp
 def test_gpu_script_runs_on_cpu_when_allowed(tmp_path):
+    gpu = _load("gpu")
     out = tmp_path / "gpu.md"
+    page = tmp_path / "page.md"
+    page.write_text(f"# Page\n\nbefore\n\n{gpu.BEGIN}\nstale tables\n"
+                    f"{gpu.END}\n\nafter\n")
     result = _run(["benchmarks/gpu.py", "--allow-cpu", "--sizes", "4K",
                    "--modes", "plain,sketch", "--repeats", "1", "--inner", "2",
-                   "--llc-repeats", "1", "--llc-draws", "5", "--out", str(out)],
-                  timeout=180)
+                   "--llc-repeats", "1", "--llc-draws", "5", "--out", str(out),
+                   "--page", str(page)], timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     text = out.read_text()
+    # The page's block is replaced by the same tables; the text around it
+    # stays.
+    written = page.read_text()
+    assert written.startswith("# Page\n\nbefore\n\n" + gpu.BEGIN)
+    assert written.endswith(gpu.END + "\n\nafter\n")
+    assert "stale tables" not in written and text.strip() in written
     assert "| plain |" in text and "copy of the params" in text
     sketch = next(line for line in text.splitlines() if "| sketch |" in line)
     cells = [c.strip() for c in sketch.strip("|").split("|")]
