@@ -388,6 +388,14 @@ def environment() -> Dict[str, str]:
     return env
 
 
+def md_table(header, rows) -> str:
+    """A Markdown table of ``rows`` (sequences of cells) under ``header``."""
+    lines = ["| " + " | ".join(header) + " |",
+             "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def write_block(path: str, generated: str, begin: str, end: str,
                 new_page: str) -> None:
     """Writes ``generated`` between the markers ``begin`` and ``end`` of a page.

@@ -73,62 +73,23 @@ def _torch_cuda():
     return True, None
 
 
-def bench_llc(repeats, draws, use_torch, torch_device, chains=8, batch=64,
-              n=4096):
-    """The LLC part of ``run.py`` on this device: cold and warm seconds.
-
-    ``so.estimate_llc`` runs on JAX's default device (the GPU); devinterp's
-    ``SGLD`` runs in a PyTorch loop on ``torch_device``. Cold is each one's
-    first call in this process; warm the median of ``repeats`` later calls.
-    """
-    import time
-
-    import numpy as np
-    import sgld_optax as so
-
-    layers, x, y = bl.llc_problem(n)
-    params, data = bl.llc_inputs(layers, x, y)
-    nbeta = so.default_nbeta(batch)
-    runs = {"ours": lambda seed: float(bl.llc_ours(
-        params, data, chains, draws, batch, seed).llc_mean)}
-    if use_torch:
-        runs["devinterp"] = lambda seed: bl.torch_llc(
-            layers, x, y, chains=chains, draws=draws, batch=batch,
-            nbeta=nbeta, seed=seed, device=torch_device)
-    out = {}
-    for name, fn in runs.items():
-        t0 = time.perf_counter()
-        est = bl.run_quietly(fn, 0)
-        cold = time.perf_counter() - t0
-        warm = []
-        for seed in range(1, repeats + 1):
-            t0 = time.perf_counter()
-            bl.run_quietly(fn, seed)
-            warm.append(time.perf_counter() - t0)
-        out[name] = {"cold_s": cold, "warm_s": float(np.median(warm)),
-                     "llc": est}
-        bl.log(f"[llc] {name}: cold {cold:.2f} s, warm "
-               f"{out[name]['warm_s']:.3f} s, llc {est:.2f}")
-    return out
-
-
-def _llc_lines(llc, chains, draws):
+def _llc_lines(llc):
+    """The LLC table of ``run.bench_llc``'s results."""
     header = ["LLC run", "devinterp s", "ours s", "devinterp / ours",
               "estimate (devinterp, ours)"]
     rows = []
-    theirs = llc.get("devinterp")
-    ours = llc["ours"]
     for kind in ("cold", "warm"):
-        t = ours[f"{kind}_s"]
-        d = theirs[f"{kind}_s"] if theirs else None
+        t, d = llc[f"ours_{kind}_s"], llc[f"devinterp_{kind}_s"]
         rows.append([kind, "" if d is None else f"{d:.3f}", f"{t:.3f}",
                      "" if d is None else f"{d / t:.1f}x",
-                     (f"{theirs['llc']:.2f}, " if theirs else "")
-                     + f"{ours['llc']:.2f}"])
+                     ("" if llc["devinterp_llc"] is None
+                      else f"{llc['devinterp_llc']:.2f}, ")
+                     + f"{llc['ours_llc']:.2f}"])
     return ["", f"LLC end to end: MLP {'-'.join(map(str, bl.LLC_WIDTHS))} "
-            f"(tanh), 4096 points, batch 64, {chains} chains x {draws} "
-            "draws; cold is the first call (compilation included), warm the "
-            "median of later ones.", "", *_table(header, rows)]
+            f"(tanh), {llc['n']} points, batch {llc['batch']}, "
+            f"{llc['chains']} chains x {llc['draws']} draws; cold is the first "
+            "call (compilation included), warm the median of later ones.", "",
+            bl.md_table(header, rows)]
 
 
 _NOT_KERNELS = {"parameter", "tuple", "get-tuple-element", "bitcast",
@@ -155,12 +116,6 @@ def entry_kernels(hlo: str) -> Optional[int]:
         if m and m.group(1) not in _NOT_KERNELS:
             count += 1
     return count
-
-
-def _table(header, rows):
-    lines = ["| " + " | ".join(header) + " |",
-             "| " + " | ".join("---" for _ in header) + " |"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def main(argv=None):
@@ -276,16 +231,15 @@ def main(argv=None):
 
     llc = None
     if args.llc_repeats > 0:
-        bl.log(f"[llc] 8 chains x {args.llc_draws} draws, "
-               f"{args.llc_repeats} warm runs each")
-        llc = bench_llc(args.llc_repeats, args.llc_draws, use_torch,
-                        torch_device)
+        import run  # the CPU benchmark's LLC part, on this device
+        llc = run.bench_llc(4096, 8, args.llc_draws, 64, args.llc_repeats,
+                            torch_device=torch_device if use_torch else None)
 
     header = ["params", "step", "devinterp ms", "ours ms", "ours / devinterp",
               "ours / our plain", "kernels", "achieved GB/s", "of copy"]
-    lines = _table(header, rows)
-    if llc is not None:
-        lines += _llc_lines(llc, 8, args.llc_draws)
+    lines = [bl.md_table(header, rows)]
+    if llc is not None and "skipped" not in llc:
+        lines += _llc_lines(llc)
     env_line = (
         f"{env['jax device']}, host with {env['cores']} CPU cores; "
         + ", ".join(f"{k} {env[k]}" for k in ("sgld_optax", "jax", "jaxlib",

@@ -327,7 +327,15 @@ def llc_cold_with_cache(n, chains, draws, batch):
     return seconds[1], entries
 
 
-def bench_llc(n, chains, draws, batch, warm_repeats, wait=0.0, cache=False):
+def bench_llc(n, chains, draws, batch, warm_repeats, wait=0.0, cache=False,
+              torch_device="cpu"):
+    """The LLC part: cold and warm seconds of both libraries, and estimates.
+
+    ``so.estimate_llc`` runs on JAX's default device, devinterp's loop on
+    PyTorch's ``torch_device`` (``None`` leaves devinterp out: its entries
+    are then ``None``). Cold is each one's first call in this process, warm
+    the median of ``warm_repeats`` calls made in turns.
+    """
     import sgld_optax as so
     if not hasattr(so, "estimate_llc"):
         msg = "so.estimate_llc is not available in this build: LLC part skipped"
@@ -342,7 +350,8 @@ def bench_llc(n, chains, draws, batch, warm_repeats, wait=0.0, cache=False):
 
     def theirs(seed):
         return bl.torch_llc(layers, x, y, chains=chains, draws=draws,
-                          batch=batch, nbeta=nbeta, seed=seed)
+                            batch=batch, nbeta=nbeta, seed=seed,
+                            device=torch_device)
 
     bl.log(f"[llc] {chains} chains x {draws} draws, batch {batch}, n={n}: "
            "cold runs")
@@ -352,14 +361,17 @@ def bench_llc(n, chains, draws, batch, warm_repeats, wait=0.0, cache=False):
     t0 = time.perf_counter()
     r_ours = bl.run_quietly(ours, 0)
     ours_cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    llc_theirs = bl.run_quietly(theirs, 0)
-    theirs_cold = time.perf_counter() - t0
+    llc_theirs = theirs_cold = None
+    if torch_device is not None:
+        t0 = time.perf_counter()
+        llc_theirs = bl.run_quietly(theirs, 0)
+        theirs_cold = time.perf_counter() - t0
     cold_busy = monitor.others()
     bl.log(f"[llc] warm runs ({warm_repeats} each)")
-    t, warm_busy = _timed({"ours": lambda: bl.run_quietly(ours, 1),
-                           "devinterp": lambda: bl.run_quietly(theirs, 1)},
-                          warm_repeats, 0, wait)
+    warm = {"ours": lambda: bl.run_quietly(ours, 1)}
+    if torch_device is not None:
+        warm["devinterp"] = lambda: bl.run_quietly(theirs, 1)
+    t, warm_busy = _timed(warm, warm_repeats, 0, wait)
     n_params = bl.llc_num_params()
     cached = None
     if cache:
@@ -374,7 +386,8 @@ def bench_llc(n, chains, draws, batch, warm_repeats, wait=0.0, cache=False):
         "params": n_params, "nbeta": nbeta,
         "ours_cold_s": ours_cold, "devinterp_cold_s": theirs_cold,
         "ours_warm_s": float(np.median(t["ours"])),
-        "devinterp_warm_s": float(np.median(t["devinterp"])),
+        "devinterp_warm_s": (float(np.median(t["devinterp"]))
+                             if "devinterp" in t else None),
         "ours_llc": float(r_ours.llc_mean), "devinterp_llc": llc_theirs,
         "cold_busy": cold_busy, "warm_busy": warm_busy,
     }
@@ -556,13 +569,6 @@ def targets(rows, memory, llc, prof):
     return out
 
 
-def _md_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |",
-             "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _pct(share):
     return "n/a" if share is None else f"{share:.0%}"
 
@@ -598,7 +604,7 @@ def render(results) -> str:
     out.append("")
     out.append("### Targets")
     out.append("")
-    out.append(_md_table(["target", "measured", "status",
+    out.append(bl.md_table(["target", "measured", "status",
                           "why (from this run's profile)"],
                          [[t["target"], t["measured"], t["status"], t["why"]]
                           for t in tg]))
@@ -646,7 +652,7 @@ def render(results) -> str:
     if wide:
         header += ["options: ours ms", "ours / devinterp", "vs plain",
                    "vs floor"]
-    out.append(_md_table(header + ["ours GB/s", "busy"], table))
+    out.append(bl.md_table(header + ["ours GB/s", "busy"], table))
     out.append("")
     out.append("### The floor")
     out.append("")
@@ -654,7 +660,7 @@ def render(results) -> str:
                " over the same leaves (jitted, `w` donated), and a copy of the "
                "params' bytes into a donated buffer.")
     out.append("")
-    out.append(_md_table(
+    out.append(bl.md_table(
         ["params", "fused update ms", "update GB/s (16 B/param)", "copy ms",
          "copy GB/s (8 B/param)", "our plain step / update"]
         + (["options: fused update ms", "our plain step / update"]
@@ -687,7 +693,7 @@ def render(results) -> str:
             f"{f['devinterp']['per_param']:.2f} + {f['devinterp']['constant']:.0f} B",
             f"{f['ours']['per_param']:.2f} + {f['ours']['constant']:.0f} B",
             "n/a" if temp is None else f"{temp / big['n']:.2f}"])
-    out.append(_md_table(["mode", "devinterp", "ours",
+    out.append(bl.md_table(["mode", "devinterp", "ours",
                           f"ours scratch B/param ({big['label']})"], mem_rows))
     out.append("")
     out.append("### LLC end to end")
@@ -705,7 +711,7 @@ def render(results) -> str:
             "one compiled program). Cold: the first call in the process "
             "(compilation included); warm: median of later calls.")
         out.append("")
-        out.append(_md_table(
+        out.append(bl.md_table(
             ["", "torch loop s", "estimate_llc s", "speedup", "busy"],
             [["cold", f"{llc['devinterp_cold_s']:.2f}",
               f"{llc['ours_cold_s']:.2f}",
@@ -740,7 +746,7 @@ def render(results) -> str:
              ["sketch step - plain step", f"{pm['sketch'] - pm['plain']:.2f}"]]
     parts += [[k + " (alone)", f"{v:.2f}"] for k, v in prof["parts"].items()]
     parts += [[k, f"not measured: {v}"] for k, v in prof["notes"].items()]
-    out.append(_md_table(["part", "ms"], parts))
+    out.append(bl.md_table(["part", "ms"], parts))
     out.append("")
     kps = {m: r["modes"][m].get("kernels") for m in bl.MODES}
     if all(isinstance(k, dict) and "by_kind" in k for k in kps.values()):
@@ -758,7 +764,7 @@ def render(results) -> str:
         kind_rows.append([f"kernels computing Threefry bits ({n_leaves} "
                           "leaves)"] + [str(kps[m]["kernels_with_threefry"])
                                         for m in bl.MODES])
-        out.append(_md_table(["kind of kernel"] + list(bl.MODES), kind_rows))
+        out.append(bl.md_table(["kind of kernel"] + list(bl.MODES), kind_rows))
         out.append("")
         top = []
         for m in bl.MODES:
@@ -767,7 +773,7 @@ def render(results) -> str:
                             ", ".join(tags) or "-", f"`{op}`"])
         out.append("The five longest kernels of each step:")
         out.append("")
-        out.append(_md_table(["step", "kernel", "ms", "computes", "op"], top))
+        out.append(bl.md_table(["step", "kernel", "ms", "computes", "op"], top))
         out.append("")
     else:
         errs = {m: k for m, k in kps.items() if not (
