@@ -496,7 +496,8 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+(?: \S+)*?) "
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
 
 
-def _hlo_computations(text: str):
+def hlo_computations(text: str):
+    """The computations of HLO text: ``({name: body}, name of the entry)``."""
     comps, entry, name, body = {}, None, None, []
     for line in text.splitlines():
         if name is None:
@@ -563,7 +564,7 @@ def xla_kernel_profile(call: Callable[[], None], hlo_text: str,
 
     import jax
 
-    comps, entry = _hlo_computations(hlo_text)
+    comps, entry = hlo_computations(hlo_text)
     instrs = {}
     for line in comps.get(entry, "").splitlines():
         m = _INSTR.match(line)

@@ -103,15 +103,11 @@ def entry_kernels(hlo: str) -> Optional[int]:
     HLO that do work on the device (fusions, custom calls, copies, ...),
     leaving out parameters, tuples and bitcasts. ``None`` without HLO text.
     """
-    lines = hlo.splitlines()
-    start = next((i for i, l in enumerate(lines) if l.startswith("ENTRY")),
-                 None)
-    if start is None:
+    comps, entry = bl.hlo_computations(hlo)
+    if entry is None:
         return None
     count = 0
-    for line in lines[start + 1:]:
-        if line.startswith("}"):
-            break
+    for line in comps[entry].splitlines():
         m = re.search(r"= \S+ ([a-z][a-z0-9-]*)\(", line)
         if m and m.group(1) not in _NOT_KERNELS:
             count += 1

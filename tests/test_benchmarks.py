@@ -168,8 +168,9 @@ def test_gpu_script_runs_on_cpu_when_allowed(tmp_path):
 
 
 @pytest.mark.parametrize("hlo, kernels", [
-    ("HloModule m\n\nfused (p: f32[4]) -> f32[4] {\n  a = f32[4] add(p, p)\n}"
-     "\n\nENTRY main {\n  p0 = f32[4]{0} parameter(0)\n"
+    ("HloModule m\n\n%fused (p: f32[4]) -> f32[4] {\n  a = f32[4] add(p, p)\n}"
+     "\n\nENTRY %main.8 (p0: f32[4]) -> (f32[4]) {\n"
+     "  p0 = f32[4]{0} parameter(0)\n"
      "  f = f32[4]{0} fusion(p0), kind=kLoop, calls=fused\n"
      "  s = f32[8]{0} scatter(f, i, u), to_apply=add\n"
      "  t = (f32[4]{0}) tuple(f)\n}\n", 2),
