@@ -9,6 +9,7 @@ mis-scaled or correlated stream fails by a wide margin.
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +166,89 @@ def test_fused_normals_match_float64_formula_over_many_draws():
         want = box_muller_reference(*threefry_words_reference(key, (1 << 21,)))
         assert np.max(np.abs(z - want)) < 1e-6
         assert np.max(np.abs(want)) > 4.5
+
+
+def test_shared_draw_is_the_same_draw():
+    # Keeping a draw in memory for several readers changes no value.
+    key = jax.random.key(5)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        f = jax.jit(lambda k, shared: noise_lib.standard_normal(
+            k, (1 << 20,), dtype, shared=shared), static_argnums=1)
+        np.testing.assert_array_equal(f(key, True), f(key, False))
+    z = np.asarray(f(key, True).astype(jnp.float32))
+    assert np.isfinite(z).all() and np.abs(z).max() > 4.0
+
+
+@pytest.mark.parametrize("platform,remainder", [
+    ("cpu", True), ("cuda", False), ("rocm", False), ("tpu", False)])
+def test_shared_draw_goes_through_a_remainder_on_cpu_only(platform,
+                                                           remainder):
+    traced = jax.jit(lambda k: noise_lib.standard_normal(
+        k, (8,), shared=True)).trace(jax.random.key(0))
+    text = traced.lower(lowering_platforms=(platform,)).as_text()
+    assert ("stablehlo.remainder" in text) is remainder
+
+
+def entry_kernels(hlo_text):
+    """``{instruction: body}`` for the entry computation of optimized HLO,
+    the body being the text of the computation it calls (recursively)."""
+    comps, entry, name, body = {}, None, None, []
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
+        if name is None and header:
+            name, body = header.group(2), []
+            entry = name if header.group(1) else entry
+        elif name is not None and line.strip() == "}":
+            comps[name], name = "\n".join(body), None
+        elif name is not None:
+            body.append(line)
+
+    def expand(text, depth=0):
+        called = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", text)
+        return text + "".join(expand(comps.get(c, ""), depth + 1)
+                              for c in called if depth < 4)
+
+    out = {}
+    for line in comps[entry].splitlines():
+        m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+        if m:
+            out[m.group(1)] = expand(line)
+    return out
+
+
+def threefry_kernels(hlo_text):
+    """Kernels of a compiled step that compute Threefry rounds."""
+    return [k for k, body in entry_kernels(hlo_text).items()
+            if "shift-left(" in body and body.count("xor(") >= 8]
+
+
+def compiled_step_text(params, **kwargs):
+    tx = so.sgld(1e-3, nbeta=10.0, localization=100.0, key=0, **kwargs)
+
+    def step(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return jax.tree.map(jnp.add, p, updates), s
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    with jax.default_device(jax.devices("cpu")[0]):
+        return jitted.lower(params, tx.init(params), params).compile().as_text()
+
+
+STEP_PARAMS = {"w": jnp.ones((256, 192)), "b": jnp.ones(192),
+               "v": jnp.ones((64, 32))}
+
+
+@pytest.mark.parametrize("kwargs", [dict(save_metrics=True),
+                                    dict(sketch_dim=64)],
+                         ids=["metrics", "sketch"])
+def test_compiled_step_computes_the_noise_once_per_leaf(kwargs):
+    # The update and the reductions (or scatters) all read the noise; on
+    # CPU each leaf's noise is drawn by one kernel, as in the plain step,
+    # rather than recomputed inside each reader.
+    plain = threefry_kernels(compiled_step_text(STEP_PARAMS))
+    with_readers = threefry_kernels(compiled_step_text(STEP_PARAMS, **kwargs))
+    assert len(plain) >= len(STEP_PARAMS)
+    assert len(with_readers) == len(plain), with_readers
 
 
 def test_fused_words_under_jit_and_vmap():

@@ -223,13 +223,23 @@ def normal_from_words(y0: jax.Array, y1: jax.Array) -> jax.Array:
         lax.bitcast_convert_type(z, jnp.uint32) ^ sign, jnp.float32)
 
 
-def standard_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+def standard_normal(key: jax.Array, shape, dtype=jnp.float32, *,
+                    shared: bool = False) -> jax.Array:
     """Draws standard normal noise of ``shape`` in ``dtype`` from ``key``.
 
     For a Threefry key, a float32 (or narrower) dtype and fewer than
     :math:`2^{32}` elements, the draw is the fused Box-Muller draw of the
     module docstring (computed in float32, then cast); otherwise it is
     ``jax.random.normal(key, shape, dtype)``.
+
+    Args:
+      key: a PRNG key (typed, or raw ``uint32[2]`` Threefry key data).
+      shape: the shape of the draw.
+      dtype: its floating-point dtype.
+      shared: whether several computations will read the draw (the update
+        and the reductions of the sampler's metrics, for example). The values
+        are the same either way; on CPU, a shared fused draw is computed once
+        and kept in memory for its readers (see :func:`computed_once`).
     """
     shape = tuple(shape)
     dtype = jnp.dtype(dtype)
@@ -240,4 +250,43 @@ def standard_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
         if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.wrap_key_data(key)
         return jax.random.normal(key, shape, dtype)
-    return normal_from_words(*threefry_words(key, shape)).astype(dtype)
+    z = normal_from_words(*threefry_words(key, shape))
+    if shared:
+        z = computed_once(z)
+    return z.astype(dtype)
+
+
+# Every fused draw z has |z| <= sqrt(64 ln 2) < 16, so fmod(z, 16) == z.
+_BOUND = np.float32(16.0)
+
+
+def _exact_remainder(z: jax.Array) -> jax.Array:
+    return lax.rem(z, _BOUND)
+
+
+def computed_once(z: jax.Array) -> jax.Array:
+    """The fused draw ``z`` itself, computed once on CPU whatever reads it.
+
+    XLA fuses cheap elementwise producers into each of their consumers, and
+    counts the Threefry rounds and the polynomials of the Box-Muller
+    transform as cheap: a draw read by the update and by three reductions
+    was computed four times per step (the noise then took most of a step
+    with metrics). A floating-point remainder counts as expensive, and XLA
+    does not duplicate those into several consumers, so on CPU this returns
+    :math:`\\operatorname{fmod}(z, 16)`, which equals ``z`` exactly (a
+    remainder is exact in IEEE arithmetic and :math:`|z| < 16`): the draw is
+    computed in one loop, written to memory and read by every consumer. A
+    single consumer still fuses it into its own loop.
+
+    On other platforms ``z`` is returned unchanged and fused as their
+    compilers decide (GPU compilers can give one loop several outputs).
+
+    Args:
+      z: a fused draw from :func:`normal_from_words` (float32, finite,
+        :math:`|z| < 16`).
+
+    Returns:
+      An array equal to ``z``, element for element.
+    """
+    return lax.platform_dependent(z, cpu=_exact_remainder,
+                                  default=lambda x: x)

@@ -340,7 +340,11 @@ def sgld(
                    if use_loc else None)
             wd = (half_lr * (w * jnp.asarray(weight_decay, cd))
                   if use_wd else None)
-            eta = noise_lib.standard_normal(leaf_keys[i], p.shape, cd)
+            # With metrics or a sketch, the update is not the noise's only
+            # reader.
+            eta = noise_lib.standard_normal(
+                leaf_keys[i], p.shape, cd,
+                shared=save_metrics or sketching)
             xi = (jnp.sqrt(jnp.asarray(lr, cd)) * jnp.asarray(noise_level, cd)
                   ) * eta
             if m is not None:
