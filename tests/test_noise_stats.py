@@ -443,6 +443,19 @@ def test_sampler_sketches_through_rows_on_gpus_only(platform, private):
     assert ("tensor<16xf32>" in text) is not private
 
 
+def test_cpu_sketch_reads_the_vectors_in_place():
+    # XLA's CPU compiler turns a scatter-add of n scalars into one of n
+    # windows of shape (1,) and copies the values into an (n, 1) array on
+    # the way; the sketch scatters (n, 1) windows, read where they lie.
+    text = compiled_step_text(STEP_PARAMS, sketch_dim=64)
+    kernels = entry_kernels(text)
+    assert any(" scatter(" in body for body in kernels.values())
+    n = 256 * 192
+    copies = [k for k, body in kernels.items()
+              if re.search(rf"f32\[{n},1\]\S* copy\(", body)]
+    assert not copies, copies
+
+
 def test_from_tables_reproduces_hand_computed_sketch():
     d, k = 300, 7
     idx, sgn = random_tables(d, k, seed=2)
