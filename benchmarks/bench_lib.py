@@ -603,7 +603,7 @@ def xla_kernel_profile(call: Callable[[], None], hlo_text: str,
                                          for t, _ in instrs.values())}
 
 
-KINDS = ("scatter-add", "sketch hash (with the noise recomputed in it)",
+KINDS = ("scatter-add", "sketch hash",
          "reductions", "noise (Threefry bits, normal transform)",
          "other elementwise (update, temporaries)")
 
