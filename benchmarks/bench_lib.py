@@ -359,8 +359,13 @@ def git_revision() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                              capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
+        # The page and plot a previous run wrote are not changes to what
+        # is measured.
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", ".",
+             ":(exclude)docs/benchmarks.md",
+             ":(exclude)docs/benchmark_step_time.png"],
+            cwd=root, capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
             return "unknown"
         return rev.stdout.strip() + (" (with local changes)"
