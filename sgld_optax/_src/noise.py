@@ -269,17 +269,17 @@ def computed_once(z: jax.Array) -> jax.Array:
 
     XLA fuses cheap elementwise producers into each of their consumers, and
     counts the Threefry rounds and the polynomials of the Box-Muller
-    transform as cheap: a draw read by the update and by three reductions
-    was computed four times per step (the noise then took most of a step
-    with metrics). A floating-point remainder counts as expensive, and XLA
+    transform as cheap: on CPU, a draw read by the update and by the
+    reductions of the metrics was computed again inside several of them
+    (the noise then took most of a step with metrics). A floating-point remainder counts as expensive, and XLA
     does not duplicate those into several consumers, so on CPU this returns
     :math:`\\operatorname{fmod}(z, 16)`, which equals ``z`` exactly (a
     remainder is exact in IEEE arithmetic and :math:`|z| < 16`): the draw is
     computed in one loop, written to memory and read by every consumer. A
     single consumer still fuses it into its own loop.
 
-    On other platforms ``z`` is returned unchanged and fused as their
-    compilers decide (GPU compilers can give one loop several outputs).
+    On other platforms ``z`` is returned unchanged, fused as their compilers
+    decide: the duplication and its cure were measured on CPU only.
 
     Args:
       z: a fused draw from :func:`normal_from_words` (float32, finite,

@@ -85,9 +85,10 @@ def _scatter_add_windows(buffer, index, values):
     # As in _replicated: under an explicitly sharded mesh, the sum over
     # sharded values is replicated.
     sharding = _replicated(values).get("out_sharding")
-    if sharding is not None and sharding.mesh.explicit_axes:
-        scatter = jax.sharding.auto_axes(
-            scatter, out_sharding=sharding, axes=sharding.mesh.explicit_axes)
+    explicit = getattr(getattr(sharding, "mesh", None), "explicit_axes", ())
+    if explicit:
+        scatter = jax.sharding.auto_axes(scatter, out_sharding=sharding,
+                                         axes=explicit)
     return scatter(buffer, index, values)
 
 
