@@ -256,7 +256,7 @@ def standard_normal(key: jax.Array, shape, dtype=jnp.float32, *,
     return z.astype(dtype)
 
 
-# Every fused draw z has |z| <= sqrt(64 ln 2) < 16, so fmod(z, 16) == z.
+# Every fused draw z has |z| < 6.67 < 16, so fmod(z, 16) == z.
 _BOUND = np.float32(16.0)
 
 
@@ -271,12 +271,15 @@ def computed_once(z: jax.Array) -> jax.Array:
     counts the Threefry rounds and the polynomials of the Box-Muller
     transform as cheap: on CPU, a draw read by the update and by the
     reductions of the metrics was computed again inside several of them
-    (the noise then took most of a step with metrics). A floating-point remainder counts as expensive, and XLA
-    does not duplicate those into several consumers, so on CPU this returns
-    :math:`\\operatorname{fmod}(z, 16)`, which equals ``z`` exactly (a
-    remainder is exact in IEEE arithmetic and :math:`|z| < 16`): the draw is
-    computed in one loop, written to memory and read by every consumer. A
-    single consumer still fuses it into its own loop.
+    (the noise then took most of a step with metrics). A floating-point
+    remainder counts as expensive, and XLA does not duplicate those into
+    several consumers, so on CPU this returns
+    :math:`\\operatorname{fmod}(z, 16)`, which equals ``z`` (a remainder is
+    exact in IEEE arithmetic, and :math:`|z| < 16`): the draw is computed
+    in one loop, written to memory and read by every consumer. A single
+    consumer still fuses it into its own loop. (Under XLA's
+    ``xla_cpu_enable_fast_math`` a draw of :math:`-0` may come back as
+    :math:`+0`; draws are never subnormal, which fast math would flush.)
 
     On other platforms ``z`` is returned unchanged, fused as their compilers
     decide: the duplication and its cure were measured on CPU only.

@@ -55,12 +55,15 @@ def _replicated(values) -> dict:
     """Keyword arguments that make a scatter-add's result replicated.
 
     Under an explicitly sharded mesh the sketch of sharded values is
-    replicated; elsewhere (and on JAX versions without ``jax.typeof``) there
-    is nothing to say.
+    replicated; elsewhere (and on JAX versions without explicit sharding)
+    there is nothing to say, and nothing is passed.
     """
     if not hasattr(jax, "typeof"):
         return {}
-    return {"out_sharding": jax.typeof(values).sharding.update(
+    sharding = jax.typeof(values).sharding
+    if not getattr(getattr(sharding, "mesh", None), "explicit_axes", ()):
+        return {}
+    return {"out_sharding": sharding.update(
         spec=jax.sharding.PartitionSpec())}
 
 
@@ -85,10 +88,9 @@ def _scatter_add_windows(buffer, index, values):
     # As in _replicated: under an explicitly sharded mesh, the sum over
     # sharded values is replicated.
     sharding = _replicated(values).get("out_sharding")
-    explicit = getattr(getattr(sharding, "mesh", None), "explicit_axes", ())
-    if explicit:
+    if sharding is not None:
         scatter = jax.sharding.auto_axes(scatter, out_sharding=sharding,
-                                         axes=explicit)
+                                         axes=sharding.mesh.explicit_axes)
     return scatter(buffer, index, values)
 
 
