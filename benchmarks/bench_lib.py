@@ -132,6 +132,26 @@ def interleaved(fns: Dict[str, Callable[[], None]], repeats: int,
     return times
 
 
+def minor_faults_per_step(call: Callable[[], None], steps_per_call: int = 1,
+                          calls: int = 3) -> Optional[float]:
+    """Minor page faults of this process per step, over ``calls`` calls.
+
+    A page the process touches for the first time since the system gave it
+    (a fresh ``mmap``) costs a minor fault and its zeroing. ``None`` where
+    ``resource`` is unavailable (not Unix).
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    call()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        call()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return (after - before) / (calls * steps_per_call)
+
+
 def median_ms(samples: Sequence[float]) -> float:
     return float(np.median(samples)) * 1e3
 

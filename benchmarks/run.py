@@ -134,6 +134,8 @@ def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0,
                 except Exception as err:  # the profiler is best effort
                     kp = {"error": repr(err)}
                 row["modes"][mode]["kernels"] = kp
+                row["modes"][mode]["minor_faults"] = bl.run_quietly(
+                    bl.minor_faults_per_step, ours.call, inner)
             del ours, theirs, fns
             gc.collect()
         bl.log(f"[floor] {label}: fused update without noise, and a copy")
@@ -437,6 +439,12 @@ def _why(key, r, memory, llc, prof):
             text += (f"; {what} take {alone:.3g} ms, "
                      f"{'more' if alone > budget else 'less'} than the "
                      f"{budget:.3g} ms the target allows")
+        faults = r["modes"][key].get("minor_faults")
+        temp = r["modes"][key].get("ours_temp_bytes")
+        if faults and temp:
+            text += (f"; its {temp / 2**20:.3g} MiB of XLA scratch costs "
+                     f"{faults:,.0f} minor page faults per step (see "
+                     "[the allocator](#scratch-memory-and-the-allocator))")
         if kp[key] and kp["plain"]:
             bk = kp[key]["by_kind"]
             k_mode = kp[key]["kernels_with_threefry"]
@@ -764,6 +772,10 @@ def render(results) -> str:
         kind_rows.append([f"kernels computing Threefry bits ({n_leaves} "
                           "leaves)"] + [str(kps[m]["kernels_with_threefry"])
                                         for m in bl.MODES])
+        faults = [r["modes"][m].get("minor_faults") for m in bl.MODES]
+        if all(f is not None for f in faults):
+            kind_rows.append(["minor page faults per step (the process)"]
+                             + [f"{f:,.0f}" for f in faults])
         out.append(bl.md_table(["kind of kernel"] + list(bl.MODES), kind_rows))
         out.append("")
         top = []

@@ -111,8 +111,38 @@ def test_overhead_rows_compare_the_work_alone_with_the_budget():
     assert "take 7 ms, more than the 2.5 ms the target allows" in why
     why = run._why("sketch", row, None, {}, prof)
     assert "take 4 ms, less than the 5 ms the target allows" in why
+    assert "page faults" not in why
+    # Measured page faults of the step's scratch are reported with it.
+    row["modes"]["metrics"].update(minor_faults=8192.0,
+                                   ours_temp_bytes=32 << 20)
+    why = run._why("metrics", row, None, {}, prof)
+    assert "its 32 MiB of XLA scratch costs 8,192 minor page faults" in why
     # Without the parts (they are best effort) the sentence is left out.
     assert "allows" not in run._why("metrics", row, None, {}, {"parts": {}})
+
+
+@pytest.mark.skipif(sys.platform != "linux",
+                    reason="counts pages the Linux kernel maps afresh")
+def test_page_faults_are_counted_per_step():
+    import mmap
+    bl = _load("bench_lib")
+    pages = 4096
+
+    def fresh_pages():  # two steps, each touching every page of a new map
+        for _ in range(2):
+            with mmap.mmap(-1, pages * mmap.PAGESIZE) as block:
+                for i in range(pages):
+                    block[i * mmap.PAGESIZE] = 1
+
+    assert bl.minor_faults_per_step(fresh_pages, steps_per_call=2) >= pages
+    kept = mmap.mmap(-1, pages * mmap.PAGESIZE)
+
+    def same_pages():
+        for i in range(pages):
+            kept[i * mmap.PAGESIZE] = 2
+
+    assert bl.minor_faults_per_step(same_pages) < 0.01 * pages
+    kept.close()
 
 
 def test_sizes_and_shapes():
