@@ -456,6 +456,31 @@ def test_cpu_sketch_reads_the_vectors_in_place():
     assert not copies, copies
 
 
+def test_cpu_sketch_keeps_buckets_in_16_bits():
+    # Indices into 2 x 64 buckets fit in 16 bits: the buckets XLA keeps in
+    # memory for the three scatters of a leaf are int16, never int32.
+    kernels = entry_kernels(compiled_step_text(STEP_PARAMS, sketch_dim=64))
+    n = 256 * 192
+    # Each entry line starts with its result: "%name = s16[n,1]{...} ...".
+    results = [body.split(" = ", 1)[1].split("{", 1)[0]
+               for body in kernels.values()]
+    assert f"s16[{n},1]" in results
+    assert not [r for r in results if r.startswith(f"s32[{n}")]
+
+
+@pytest.mark.parametrize("k", [2**14, 2**14 + 1, 40000])
+def test_sketches_with_many_buckets_match_hand_sketch(k):
+    # 2 k signed buckets: 16-bit indices up to k = 2**14, 32-bit beyond.
+    d = 3000
+    cs = so.CountSketch(d, k, seed=4)
+    idx, sgn = (np.asarray(a) for a in cs.buckets_and_signs(0, d))
+    assert idx.max() >= k // 2 and idx.max() < k
+    v = np.random.default_rng(5).normal(size=d).astype(np.float32)
+    got = np.asarray(jax.jit(cs.sketch)(jnp.asarray(v)))
+    np.testing.assert_allclose(got, hand_sketch(idx, sgn, v, k), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_from_tables_reproduces_hand_computed_sketch():
     d, k = 300, 7
     idx, sgn = random_tables(d, k, seed=2)

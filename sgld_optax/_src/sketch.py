@@ -70,12 +70,19 @@ def _replicated(values) -> dict:
 def _scatter_add_windows(buffer, index, values):
     """``buffer.at[index].add(values)`` for 1-D ``buffer``, ``index``, ``values``.
 
-    Written as a scatter of ``(n, 1)`` windows rather than of ``n`` scalars:
-    XLA's CPU compiler rewrites a scatter of scalars into this form and
-    copies ``values`` into the new shape on the way (a pass over memory per
-    vector sketched); given the windows, it reads ``values`` in place.
+    ``index`` must lie in ``[0, len(buffer))``. Written as a scatter of
+    ``(n, 1)`` windows rather than of ``n`` scalars: XLA's CPU compiler
+    rewrites a scatter of scalars into this form and copies ``values`` into
+    the new shape on the way (a pass over memory per vector sketched); given
+    the windows, it reads ``values`` in place.
     """
     n = values.shape[0]
+    if buffer.shape[-1] <= 2**15:
+        # Every index fits in 16 bits. XLA computes a leaf's buckets once
+        # and keeps them in memory for the scatters of its three vectors;
+        # half the bytes to write, fault in and read back made the 4M
+        # sketch step about 15% faster.
+        index = index.astype(jnp.int16)
     dims = lax.ScatterDimensionNumbers(
         update_window_dims=(1,), inserted_window_dims=(),
         scatter_dims_to_operand_dims=(0,))
