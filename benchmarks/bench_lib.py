@@ -539,6 +539,47 @@ def hlo_computations(text: str):
     return comps, entry
 
 
+@dataclasses.dataclass
+class EntryInstruction:
+    """One instruction of the entry computation of optimized HLO."""
+
+    result: str   # its result type, e.g. ``f32[1024,1024]{1,0}``
+    opcode: str   # ``fusion``, ``copy``, ``parameter``, ...
+    called: str   # the text of the computations it calls, recursively
+    tags: set     # what those compute (see ``_tags``)
+    op_name: str  # JAX's name for the operation, or the opcode
+
+
+def entry_instructions(hlo_text: str) -> Dict[str, EntryInstruction]:
+    """The instructions of the entry computation of optimized HLO, by name.
+
+    Each kernel of a compiled program is one of them; ``called`` and
+    ``tags`` say what a fusion computes.
+    """
+    comps, entry = hlo_computations(hlo_text)
+
+    def called_text(text, depth=0):
+        return "".join(comps.get(c, "") + "\n"
+                       + (called_text(comps.get(c, ""), depth + 1)
+                          if depth < 3 else "")
+                       for c in _CALLS.findall(text))
+
+    out = {}
+    for line in comps.get(entry, "").splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, result, opcode, rest = m.groups()
+        callee = _CALLS.search(rest)
+        body = comps.get(callee.group(1), "") if callee else ""
+        op = re.search(r'op_name="([^"]*)"', rest)
+        out[name] = EntryInstruction(
+            result=result, opcode=opcode, called=called_text(rest),
+            tags=_tags(body, comps) | _tags(f" {opcode}(", comps),
+            op_name=op.group(1) if op else opcode)
+    return out
+
+
 def _tags(body: str, comps, depth=0) -> set:
     tags = set()
     if "shift-left(" in body and body.count("xor(") >= 8:
@@ -589,18 +630,8 @@ def xla_kernel_profile(call: Callable[[], None], hlo_text: str,
 
     import jax
 
-    comps, entry = hlo_computations(hlo_text)
-    instrs = {}
-    for line in comps.get(entry, "").splitlines():
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        name, _, opcode, rest = m.groups()
-        callee = _CALLS.search(rest)
-        body = comps.get(callee.group(1), "") if callee else ""
-        tags = _tags(body, comps) | _tags(f" {opcode}(", comps)
-        op = re.search(r'op_name="([^"]*)"', rest)
-        instrs[name] = (tags, op.group(1) if op else opcode)
+    instrs = {name: (i.tags, i.op_name)
+              for name, i in entry_instructions(hlo_text).items()}
     tmp = tempfile.mkdtemp(prefix="sgld_bench_trace_")
     try:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):

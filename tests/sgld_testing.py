@@ -1,12 +1,32 @@
 """Shared test utilities."""
 
 import contextlib
+import importlib.util
+import pathlib
+import sys
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import random as jax_random
+
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name):
+    """Imports ``benchmarks/<name>.py`` (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(
+        f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
 
 
 @contextlib.contextmanager

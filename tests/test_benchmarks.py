@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
+from sgld_testing import load_benchmark
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-BENCH = ROOT / "benchmarks"
 
 needs_devinterp = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None
@@ -27,20 +28,6 @@ def _run(args, timeout=240):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(
-        f"_bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
-
-
-@needs_devinterp
 def test_quick_run_writes_page_plot_and_results(tmp_path):
     docs_before = sorted((ROOT / "docs").rglob("*"))
     result = _run(["benchmarks/run.py", "--quick", "--out", str(tmp_path),
@@ -85,7 +72,7 @@ def test_quick_run_writes_page_plot_and_results(tmp_path):
 
 
 def test_page_keeps_text_outside_the_markers(tmp_path):
-    run = _load("run")
+    run = load_benchmark("run")
     page = tmp_path / "benchmarks.md"
     page.write_text(f"# Title\n\nintro\n\n{run.BEGIN}\nold\n{run.END}\n\n"
                     "## Notes\n\nhand-written\n")
@@ -99,7 +86,7 @@ def test_page_keeps_text_outside_the_markers(tmp_path):
 
 
 def test_overhead_rows_compare_the_work_alone_with_the_budget():
-    run = _load("run")
+    run = load_benchmark("run")
     row = {"modes": {"plain": {"ours_ms": 10.0}, "metrics": {"ours_ms": 30.0},
                      "sketch": {"ours_ms": 40.0}}}
     prof = {"parts": {
@@ -125,7 +112,7 @@ def test_overhead_rows_compare_the_work_alone_with_the_budget():
                     reason="counts pages the Linux kernel maps afresh")
 def test_page_faults_are_counted_per_step():
     import mmap
-    bl = _load("bench_lib")
+    bl = load_benchmark("bench_lib")
     pages = 4096
 
     def fresh_pages():  # two steps, each touching every page of a new map
@@ -146,7 +133,7 @@ def test_page_faults_are_counted_per_step():
 
 
 def test_sizes_and_shapes():
-    bl = _load("bench_lib")
+    bl = load_benchmark("bench_lib")
     assert bl.parse_size("4M") == 4 << 20
     assert bl.parse_size("64K") == 65536
     assert bl.parse_size("20000") == 20000
@@ -171,7 +158,7 @@ def test_gpu_script_says_why_without_a_gpu():
 
 @needs_devinterp
 def test_gpu_script_runs_on_cpu_when_allowed(tmp_path):
-    gpu = _load("gpu")
+    gpu = load_benchmark("gpu")
     out = tmp_path / "gpu.md"
     page = tmp_path / "page.md"
     page.write_text(f"# Page\n\nbefore\n\n{gpu.BEGIN}\nstale tables\n"
@@ -207,14 +194,14 @@ def test_gpu_script_runs_on_cpu_when_allowed(tmp_path):
     ("no module here", None),
 ])
 def test_gpu_script_counts_the_entry_kernels(hlo, kernels):
-    gpu = _load("gpu")
+    gpu = load_benchmark("gpu")
     assert gpu.entry_kernels(hlo) == kernels
 
 
 def test_cold_llc_with_a_persistent_compilation_cache():
     # Two fresh processes share a cache folder: the second one finds the
     # sampling program compiled and returns its cold time.
-    run = _load("run")
+    run = load_benchmark("run")
     seconds, entries = run.llc_cold_with_cache(n=256, chains=2, draws=5,
                                                batch=32)
     assert seconds > 0.0

@@ -19,8 +19,8 @@ from scipy import stats
 
 import sgld_optax as so
 from sgld_optax._src import noise as noise_lib
-from sgld_testing import (box_muller_reference, reference_step_noise,
-                          threefry_words_reference)
+from sgld_testing import (box_muller_reference, load_benchmark,
+                          reference_step_noise, threefry_words_reference)
 
 STEPS = 48
 
@@ -190,36 +190,14 @@ def test_shared_draw_goes_through_a_remainder_on_cpu_only(platform,
 
 
 def entry_kernels(hlo_text):
-    """``{instruction: body}`` for the entry computation of optimized HLO,
-    the body being the text of the computation it calls (recursively)."""
-    comps, entry, name, body = {}, None, None, []
-    for line in hlo_text.splitlines():
-        header = re.match(r"^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
-        if name is None and header:
-            name, body = header.group(2), []
-            entry = name if header.group(1) else entry
-        elif name is not None and line.strip() == "}":
-            comps[name], name = "\n".join(body), None
-        elif name is not None:
-            body.append(line)
-
-    def expand(text, depth=0):
-        called = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", text)
-        return text + "".join(expand(comps.get(c, ""), depth + 1)
-                              for c in called if depth < 4)
-
-    out = {}
-    for line in comps[entry].splitlines():
-        m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", line)
-        if m:
-            out[m.group(1)] = expand(line)
-    return out
+    """The kernels of a compiled program, by name (bench_lib's HLO reader)."""
+    return load_benchmark("bench_lib").entry_instructions(hlo_text)
 
 
 def threefry_kernels(hlo_text):
     """Kernels of a compiled step that compute Threefry rounds."""
-    return [k for k, body in entry_kernels(hlo_text).items()
-            if "shift-left(" in body and body.count("xor(") >= 8]
+    return [name for name, kernel in entry_kernels(hlo_text).items()
+            if "threefry" in kernel.tags]
 
 
 def compiled_step_text(params, **kwargs):
@@ -447,12 +425,11 @@ def test_cpu_sketch_reads_the_vectors_in_place():
     # XLA's CPU compiler turns a scatter-add of n scalars into one of n
     # windows of shape (1,) and copies the values into an (n, 1) array on
     # the way; the sketch scatters (n, 1) windows, read where they lie.
-    text = compiled_step_text(STEP_PARAMS, sketch_dim=64)
-    kernels = entry_kernels(text)
-    assert any(" scatter(" in body for body in kernels.values())
+    kernels = entry_kernels(compiled_step_text(STEP_PARAMS, sketch_dim=64))
+    assert any(" scatter(" in k.called for k in kernels.values())
     n = 256 * 192
-    copies = [k for k, body in kernels.items()
-              if re.search(rf"f32\[{n},1\]\S* copy\(", body)]
+    copies = [name for name, k in kernels.items()
+              if re.search(rf"f32\[{n},1\]\S* copy\(", k.called)]
     assert not copies, copies
 
 
@@ -461,9 +438,7 @@ def test_cpu_sketch_keeps_buckets_in_16_bits():
     # memory for the three scatters of a leaf are int16, never int32.
     kernels = entry_kernels(compiled_step_text(STEP_PARAMS, sketch_dim=64))
     n = 256 * 192
-    # Each entry line starts with its result: "%name = s16[n,1]{...} ...".
-    results = [body.split(" = ", 1)[1].split("{", 1)[0]
-               for body in kernels.values()]
+    results = [k.result.split("{", 1)[0] for k in kernels.values()]
     assert f"s16[{n},1]" in results
     assert not [r for r in results if r.startswith(f"s32[{n}")]
 
