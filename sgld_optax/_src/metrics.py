@@ -99,14 +99,39 @@ def metrics_from_bases(bases, scales, numel) -> Metrics:
     Returns:
       The step's :class:`Metrics`, accumulated in float32.
     """
-    a_g, a_loc, a_wd, a_xi = (None if a is None
-                              else jnp.asarray(a, jnp.float32)
-                              for a in scales)
+    return metrics_from_sums(sums_of_products(bases, needed_pairs(scales)),
+                             scales, numel)
+
+
+def needed_pairs(scales) -> list:
+    """The pairs of base vectors whose sums of products the metrics read.
+
+    Args:
+      scales: ``(a_g, a_loc, a_wd, a_noise)`` as in :func:`metrics_from_bases`.
+
+    Returns:
+      A list of pairs of names among ``"g"`` (gradient), ``"d"``
+      (displacement), ``"w"`` (weight) and ``"e"`` (noise).
+    """
     pairs = [("g", "g"), ("d", "d"), ("e", "e"), ("g", "e")]
-    if a_loc is not None:
+    if scales[1] is not None:
         pairs += [("g", "d"), ("d", "e")]
-    if a_wd is not None:
+    if scales[2] is not None:
         pairs += [("w", "w"), ("g", "w"), ("w", "e")]
+    return pairs
+
+
+def sums_of_products(bases, pairs) -> dict:
+    """float32 sums :math:`\\sum_i a_i b_i` over all leaves, per pair ``(a, b)``.
+
+    Args:
+      bases: as in :func:`metrics_from_bases`.
+      pairs: pairs of names among ``"g"``, ``"d"``, ``"w"``, ``"e"``.
+
+    Returns:
+      A dict from each pair to its float32 scalar sum (0 where a vector is
+      ``None``).
+    """
     sums = {pair: jnp.zeros((), jnp.float32) for pair in pairs}
     for g, d, w, e in bases:
         vec = dict(g=g, d=d, w=w, e=e)
@@ -114,7 +139,24 @@ def metrics_from_bases(bases, scales, numel) -> Metrics:
             if vec[a] is not None and vec[b] is not None:
                 sums[a, b] += jnp.sum(vec[a].astype(jnp.float32)
                                       * vec[b].astype(jnp.float32))
+    return sums
 
+
+def metrics_from_sums(sums, scales, numel) -> Metrics:
+    """:class:`Metrics` from the sums of products of the base vectors.
+
+    Args:
+      sums: a dict with a float32 scalar for each pair of
+        :func:`needed_pairs` of ``scales``.
+      scales: as in :func:`metrics_from_bases`.
+      numel: the number of unmasked parameters (int or int32 scalar).
+
+    Returns:
+      The step's :class:`Metrics`.
+    """
+    a_g, a_loc, a_wd, a_xi = (None if a is None
+                              else jnp.asarray(a, jnp.float32)
+                              for a in scales)
     zero = jnp.zeros((), jnp.float32)
 
     def norm(scale, v):
