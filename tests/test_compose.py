@@ -441,13 +441,16 @@ SHARDING_SCRIPT = textwrap.dedent("""
                                for x, y in zip(jax.tree.leaves(a),
                                                jax.tree.leaves(b)))
     results = {}
-    for sketch in (False, True):
+    for sketch, native in ((False, False), (True, False), (False, True),
+                           (True, True)):
         tx = so.sgld(1e-2, nbeta=4.0, localization=1.0, save_metrics=True,
-                     sketch_dim=8 if sketch else None, key=0)
+                     sketch_dim=8 if sketch else None, key=0,
+                     native_cpu=native)
         step = jax.jit(tx.update)
         ref_u, ref_s = step(grads, tx.init(params), params)
         for axis in ("explicit", "auto"):
-            name = f"{axis}-{'sketch' if sketch else 'plain'}"
+            name = (f"{axis}-{'sketch' if sketch else 'plain'}"
+                    + ("-native" if native else ""))
             try:
                 mesh = jax.make_mesh((4,), ("x",), axis_types=(
                     AxisType.Explicit if axis == "explicit" else AxisType.Auto,))
@@ -492,12 +495,28 @@ def sharding_results():
     "auto-sketch",
     "explicit-plain",
     "explicit-sketch",
+    # The native CPU kernel leaves leaves split over an explicit mesh to XLA.
+    "explicit-plain-native",
+    "explicit-sketch-native",
 ])
 def test_sharded_params_keep_sharding_and_values(sharding_results, config):
     res = sharding_results[config]
     assert res["ok"], res.get("error")
     assert res["devices"] == 4
     assert res["same_sharding"] and res["sharded"]
+    assert res["max_diff"] <= 1e-6
+    assert res["metrics_diff"] <= 1e-5
+    assert res["sketch_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("config", ["auto-plain-native", "auto-sketch-native"])
+def test_native_kernel_under_an_auto_mesh_gathers(sharding_results, config):
+    # Under an Auto mesh the sharding of a leaf is unknown when tracing: the
+    # kernel's operands are gathered, so the values are right and the
+    # updates come back replicated (documented in sgld's docstring).
+    res = sharding_results[config]
+    assert res["ok"], res.get("error")
+    assert not res["sharded"]
     assert res["max_diff"] <= 1e-6
     assert res["metrics_diff"] <= 1e-5
     assert res["sketch_diff"] <= 1e-5

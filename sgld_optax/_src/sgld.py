@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import warnings
@@ -13,6 +14,7 @@ import numpy as np
 import optax
 
 from sgld_optax._src import base
+from sgld_optax._src import cpu_kernel
 from sgld_optax._src import metrics as metrics_lib
 from sgld_optax._src import noise as noise_lib
 from sgld_optax._src.metrics import Metrics
@@ -143,6 +145,7 @@ def sgld(
     sketch_seed: int = 0,
     sketch: Optional[CountSketch] = None,
     key: Any = 0,
+    native_cpu: bool = False,
 ) -> optax.GradientTransformation:
     """Stochastic Gradient Langevin Dynamics (SGLD), localized.
 
@@ -197,6 +200,19 @@ def sgld(
         ``jax.random.normal``. Two samplers with the same key draw the same
         noise: give each ``sgld`` in a pipeline (e.g. each partition of
         ``optax.multi_transform``) and each chain its own key.
+      native_cpu: on CPU, take each float32 leaf's step (update, metric
+        sums, count sketch) in one pass of a native kernel instead of
+        XLA's several loops, for faster steps with metrics or sketches.
+        The noise is bitwise the same; updates, metrics and sketches agree
+        with XLA's to float32 rounding. The kernel is compiled with the
+        system's C++ compiler when the transformation is built (a few
+        seconds, once: the library is cached). Other platforms, other
+        dtypes, ``rbg`` keys, leaves split over an explicit mesh axis and
+        sketches with tables or of more than ``2**16`` dimensions use the
+        XLA code. Under an ``Auto`` mesh a leaf's sharding is unknown when
+        tracing, so the kernel's operands are gathered (right values,
+        replicated updates): keep it off for params sharded that way. See
+        the metrics page of the docs.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
@@ -209,6 +225,8 @@ def sgld(
 
     Raises:
       ValueError, TypeError: for invalid hyperparameters, naming the argument.
+      RuntimeError: with ``native_cpu=True``, if the kernel cannot be
+        compiled or loaded (the message has the compiler's output).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -273,6 +291,10 @@ def sgld(
             "see sgld_optax.default_nbeta.", UserWarning, stacklevel=2)
 
     base.as_key(key)  # Validates now; init builds the key.
+    if not isinstance(native_cpu, (bool, np.bool_)):
+        raise TypeError(f"native_cpu must be a bool, got {native_cpu!r}.")
+    if native_cpu:
+        cpu_kernel.load()  # Compiles or finds the kernel; raises if it can't.
     sketching = sketch is not None or sketch_dim is not None
     use_box = bounding_box_size is not None
     use_loc = not _is_python_zero(localization)
@@ -287,6 +309,163 @@ def sgld(
                     f"{total} elements in all.")
             return sketch
         return CountSketch(total, sketch_dim, sketch_seed)
+
+    def scales_of(lr, nb):
+        """float32 ``(a_g, a_loc, a_wd, a_noise)``: each component is its
+        base vector times one of these (``None`` for an absent term)."""
+        half_lr = jnp.asarray(lr, jnp.float32) * 0.5
+        f32 = lambda x: jnp.asarray(x, jnp.float32)
+        return (half_lr * f32(nb),
+                half_lr * f32(localization) if use_loc else None,
+                half_lr * f32(weight_decay) if use_wd else None,
+                jnp.sqrt(f32(lr)) * f32(noise_level))
+
+    def xla_leaf(p, g, m, w0, leaf_key, lr, nb):
+        """One leaf's update by XLA, and its base vectors if anything reads them."""
+        cd = base.compute_dtype(p.dtype)
+        w = p.astype(cd)
+        half_lr = jnp.asarray(lr, cd) * 0.5
+        g = jnp.zeros_like(w) if g is None else g.astype(cd)
+        sg = half_lr * (g * jnp.asarray(nb, cd))
+        dist = w - w0.astype(cd) if w0 is not None else None
+        loc = (half_lr * (dist * jnp.asarray(localization, cd))
+               if use_loc else None)
+        wd = (half_lr * (w * jnp.asarray(weight_decay, cd))
+              if use_wd else None)
+        # With metrics or a sketch, the update is not the noise's only
+        # reader.
+        eta = noise_lib.standard_normal(leaf_key, p.shape, cd,
+                                        shared=save_metrics or sketching)
+        xi = (jnp.sqrt(jnp.asarray(lr, cd)) * jnp.asarray(noise_level, cd)
+              ) * eta
+        if m is not None:
+            mm = jnp.asarray(m).astype(cd)
+            sg, xi = sg * mm, xi * mm
+            loc = loc * mm if loc is not None else None
+            wd = wd * mm if wd is not None else None
+        drift = sg
+        if loc is not None:
+            drift = drift + loc
+        if wd is not None:
+            drift = drift + wd
+        u = xi - drift
+        if use_box:
+            b = jnp.asarray(bounding_box_size, cd)
+            w0c = w0.astype(cd)
+            u = jnp.clip(w + u, w0c - b, w0c + b) - w
+        vecs = None
+        if save_metrics or sketching:
+            # Metrics and sketches are linear in the unscaled, masked
+            # vectors, so they read these rather than the components.
+            vecs = (g, dist, w if use_wd else None, eta)
+            if m is not None:
+                vecs = tuple(None if v is None else v * mm for v in vecs)
+        return u.astype(p.dtype), vecs
+
+    def base_vectors(p, g, m, w0, leaf_key):
+        """The masked (grad, displacement, weight, noise) of a float32 leaf."""
+        g = jnp.zeros_like(p) if g is None else g
+        vecs = (g, p - w0 if w0 is not None else None,
+                p if use_wd else None,
+                noise_lib.standard_normal(leaf_key, p.shape, jnp.float32))
+        if m is not None:
+            mm = jnp.asarray(m).astype(jnp.float32)
+            vecs = tuple(None if v is None else v * mm for v in vecs)
+        return vecs
+
+    def native_leaf(p, g, m, w0, words, lr, nb, cs, offset):
+        """One float32 leaf's step by the CPU kernel.
+
+        Returns the updates, the kernel's nine sums of products, its signed
+        sketch buckets and whether it sketched the leaf (it does not take
+        sketches with tables or of more than ``MAX_SKETCH_DIM`` dimensions).
+        """
+        flags = ((cpu_kernel.INITIAL if w0 is not None else 0)
+                 | (cpu_kernel.LOCALIZATION if use_loc else 0)
+                 | (cpu_kernel.WEIGHT_DECAY if use_wd else 0)
+                 | (cpu_kernel.BOX if use_box else 0)
+                 | (cpu_kernel.MASK if m is not None else 0)
+                 | (cpu_kernel.SUMS if save_metrics else 0))
+        sketch_dim, salts = 0, (0, 0)
+        if (sketching and cs.hash_indices is None
+                and cs.output_dim <= cpu_kernel.MAX_SKETCH_DIM):
+            flags |= cpu_kernel.SKETCH
+            sketch_dim, salts = cs.output_dim, tuple(int(x) for x in cs._salts)
+        zero = jnp.zeros((), jnp.float32)
+        scalars = tuple(zero if a is None else a
+                        for a in scales_of(lr, nb))
+        scalars += (jnp.asarray(bounding_box_size, jnp.float32)
+                    if use_box else zero,)
+        u, sums, buckets = cpu_kernel.leaf_step(
+            p, jnp.zeros_like(p) if g is None else g.astype(jnp.float32),
+            w0, None if m is None else jnp.asarray(m).astype(jnp.float32),
+            words, scalars, flags=flags, sketch_dim=sketch_dim,
+            offset=offset, salts=salts)
+        return u, sums, buckets, bool(flags & cpu_kernel.SKETCH)
+
+    def step_leaves(p_leaves, g_leaves, m_leaves, w0_leaves, leaf_keys, lr,
+                    nb, *, native):
+        """Updates, metrics and sketch of one step (``None`` where not kept).
+
+        With ``native``, float32 leaves go through the one-pass CPU kernel
+        of ``cpu_kernel.py`` (bitwise the same updates) and other leaves
+        through the XLA code below.
+        """
+        scales = scales_of(lr, nb)
+        total = sum(int(np.size(p)) for p in p_leaves)
+        cs = get_sketch(total) if sketching else None
+        pairs = metrics_lib.needed_pairs(scales)
+        sums = {pair: jnp.zeros((), jnp.float32) for pair in pairs}
+        k = cs.output_dim if sketching else 0
+        sketches = {j: jnp.zeros((k,), jnp.float32)
+                    for j, a in enumerate(scales) if a is not None}
+        out, bases, offset = [], [], 0
+        for i, (p, g, m, w0) in enumerate(zip(p_leaves, g_leaves, m_leaves,
+                                               w0_leaves)):
+            size = int(np.size(p))
+            words = noise_lib.key_words(leaf_keys[i])
+            if (native and jnp.dtype(p.dtype) == jnp.float32
+                    and words is not None and size < 2**32
+                    and not _sharded_explicitly(p)):
+                u, leaf_sums, leaf_sketch, sketched = native_leaf(
+                    p, g, m, w0, words, lr, nb, cs, offset)
+                for pair, value in zip(cpu_kernel.SUM_PAIRS, leaf_sums):
+                    if pair in sums:
+                        sums[pair] = sums[pair] + value
+                if sketched:
+                    for j in sketches:
+                        sketches[j] = sketches[j] + leaf_sketch[:, j]
+                vecs = None
+                if sketching and not sketched:
+                    vecs = base_vectors(p, g, m, w0, leaf_keys[i])
+            else:
+                u, vecs = xla_leaf(p, g, m, w0, leaf_keys[i], lr, nb)
+                if vecs is not None:
+                    bases.append(vecs)
+            if native and sketching and vecs is not None:
+                # Leaves the kernel did not sketch, one scatter per vector.
+                for j in sketches:
+                    sketches[j] = cs.scatter(sketches[j],
+                                             vecs[j].reshape(-1), offset)
+            out.append(u)
+            offset += size
+
+        new_metrics = new_sketch = None
+        if native:
+            if save_metrics:
+                extra = metrics_lib.sums_of_products(bases, pairs)
+                sums = {pair: sums[pair] + extra[pair] for pair in pairs}
+                new_metrics = metrics_lib.metrics_from_sums(
+                    sums, scales, _numel(p_leaves, m_leaves))
+            if sketching:
+                new_sketch = _sketch_buffer(sketches, scales, k)
+            return out, new_metrics, new_sketch
+        if save_metrics:
+            new_metrics = metrics_lib.metrics_from_bases(
+                bases, scales, _numel(p_leaves, m_leaves))
+        if sketching:
+            new_sketch = _sketch_bases(cs, bases, scales)
+        return out, new_metrics, new_sketch
 
     def init_fn(params):
         leaves = jax.tree_util.tree_leaves(params)
@@ -327,78 +506,21 @@ def sgld(
         new_key, step_key = noise_lib.split(state.key)
         leaf_keys = noise_lib.fold_in_range(step_key, len(p_leaves))
 
-        out, bases = [], []
-        for i, (p, g, m, w0) in enumerate(zip(p_leaves, g_leaves, m_leaves,
-                                               w0_leaves)):
-            cd = base.compute_dtype(p.dtype)
-            w = p.astype(cd)
-            half_lr = jnp.asarray(lr, cd) * 0.5
-            g = jnp.zeros_like(w) if g is None else g.astype(cd)
-            sg = half_lr * (g * jnp.asarray(nb, cd))
-            dist = w - w0.astype(cd) if w0 is not None else None
-            loc = (half_lr * (dist * jnp.asarray(localization, cd))
-                   if use_loc else None)
-            wd = (half_lr * (w * jnp.asarray(weight_decay, cd))
-                  if use_wd else None)
-            # With metrics or a sketch, the update is not the noise's only
-            # reader.
-            eta = noise_lib.standard_normal(
-                leaf_keys[i], p.shape, cd,
-                shared=save_metrics or sketching)
-            xi = (jnp.sqrt(jnp.asarray(lr, cd)) * jnp.asarray(noise_level, cd)
-                  ) * eta
-            if m is not None:
-                mm = jnp.asarray(m).astype(cd)
-                sg, xi = sg * mm, xi * mm
-                loc = loc * mm if loc is not None else None
-                wd = wd * mm if wd is not None else None
-            drift = sg
-            if loc is not None:
-                drift = drift + loc
-            if wd is not None:
-                drift = drift + wd
-            u = xi - drift
-            if use_box:
-                b = jnp.asarray(bounding_box_size, cd)
-                w0c = w0.astype(cd)
-                u = jnp.clip(w + u, w0c - b, w0c + b) - w
-            out.append(u.astype(p.dtype))
-            if save_metrics or sketching:
-                # Metrics and sketches are linear in the unscaled, masked
-                # vectors, so they read these rather than the components.
-                vecs = (g, dist, w if use_wd else None, eta)
-                if m is not None:
-                    vecs = tuple(None if v is None else v * mm for v in vecs)
-                bases.append(vecs)
-
-        if save_metrics or sketching:
-            # Each component is its base vector times one of these.
-            half_lr = jnp.asarray(lr, jnp.float32) * 0.5
-            scales = (half_lr * jnp.asarray(nb, jnp.float32),
-                      (half_lr * jnp.asarray(localization, jnp.float32)
-                       if use_loc else None),
-                      (half_lr * jnp.asarray(weight_decay, jnp.float32)
-                       if use_wd else None),
-                      (jnp.sqrt(jnp.asarray(lr, jnp.float32))
-                       * jnp.asarray(noise_level, jnp.float32)))
-
-        new_metrics = state.metrics
-        if save_metrics:
-            numel = sum(int(np.size(p)) if m is None
-                        else jnp.count_nonzero(m).astype(jnp.int32)
-                        for p, m in zip(p_leaves, m_leaves))
-            if sum(int(np.size(p)) for p in p_leaves) >= 2**31:
-                raise ValueError(
-                    "save_metrics counts parameters in int32, and these "
-                    "params have 2**31 or more elements.")
-            new_metrics = metrics_lib.metrics_from_bases(bases, scales, numel)
-
-        new_sketch = state.sketch
-        if sketching:
-            new_sketch = _sketch_bases(
-                get_sketch(sum(int(np.size(p)) for p in p_leaves)), bases,
-                scales)
-
+        if save_metrics and sum(int(np.size(p)) for p in p_leaves) >= 2**31:
+            raise ValueError(
+                "save_metrics counts parameters in int32, and these params "
+                "have 2**31 or more elements.")
+        operands = (p_leaves, g_leaves, m_leaves, w0_leaves, leaf_keys, lr, nb)
+        if native_cpu:
+            out, new_metrics, new_sketch = jax.lax.platform_dependent(
+                *operands, cpu=functools.partial(step_leaves, native=True),
+                default=functools.partial(step_leaves, native=False))
+        else:
+            out, new_metrics, new_sketch = step_leaves(*operands, native=False)
+        if new_metrics is None:
+            new_metrics = state.metrics
+        if new_sketch is None:
+            new_sketch = state.sketch
         new_state = SGLDState(
             count=optax.safe_increment(state.count),
             key=new_key,
@@ -431,22 +553,43 @@ def _static_int(name, value):
     return int(arr)
 
 
+def _sharded_explicitly(x) -> bool:
+    """Whether ``x`` is split over devices along an explicit mesh axis."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:
+        return False
+    spec = getattr(getattr(typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(axis is not None for axis in spec)
+
+
+def _numel(p_leaves, m_leaves):
+    """The number of unmasked params (a Python int without masks)."""
+    return sum(int(np.size(p)) if m is None
+               else jnp.count_nonzero(m).astype(jnp.int32)
+               for p, m in zip(p_leaves, m_leaves))
+
+
+def _sketch_buffer(sketches: dict, scales, k: int) -> SketchBuffer:
+    """The SketchBuffer from the sketches of base vector ``j`` (a dict)."""
+    zero = jnp.zeros((k,), jnp.float32)
+    col = {j: v * scales[j] for j, v in sketches.items()}
+    sg, loc, wd, xi = (col.get(j, zero) for j in range(4))
+    return SketchBuffer(scaled_grad=sg, unscaled_grad=sg, localization=loc,
+                        weight_decay=wd, noise=xi)
+
+
 def _sketch_bases(cs: CountSketch, bases, scales) -> SketchBuffer:
     """Sketches the components of a step from its unscaled vectors.
 
     A count sketch is linear, so the sketch of each component is its scale
     times the sketch of its base vector (see ``metrics_from_bases``).
     """
-    zero = jnp.zeros((cs.output_dim,), jnp.float32)
     # Component j (scaled grad, localization, weight decay, noise) is a
     # multiple of base vector j (grad, displacement, weight, noise).
     js = [j for j, a in enumerate(scales) if a is not None]
     sketches = dict(zip(js, cs._sketch_concatenated(
         [[vecs[j] for j in js] for vecs in bases])))
-    col = {j: v * scales[j] for j, v in sketches.items()}
-    sg, loc, wd, xi = (col.get(j, zero) for j in range(4))
-    return SketchBuffer(scaled_grad=sg, unscaled_grad=sg, localization=loc,
-                        weight_decay=wd, noise=xi)
+    return _sketch_buffer(sketches, scales, cs.output_dim)
 
 
 def _find_states(opt_state) -> list[SGLDState]:

@@ -1,0 +1,520 @@
+// One pass over a float32 leaf for the SGLD step on CPU: the update, the
+// sums of products behind the metrics, and the count sketch.
+//
+// sgld_optax/_src/cpu_kernel.py compiles this file with the system C++
+// compiler the first time it is asked for, and calls it through XLA's FFI.
+// Every element's noise is computed with the float32 operations of
+// sgld_optax/_src/noise.py, in the same order and with the same multiply-adds
+// as XLA's CPU code for them, so the noise is equal bit for bit to the XLA
+// program's (tested). The update is the same formula; where XLA contracts a
+// product and a sum into a multiply-add depends on which hyperparameters are
+// compile-time constants, so the two agree to float32 rounding, not bitwise.
+// Sums and sketches add the same terms in another order.
+//
+// The leaf is cut into at most kMaxRanges ranges of whole blocks, fixed by
+// its size alone; XLA's intra-op threads take ranges from a shared counter,
+// and each range accumulates into its own partial sums and sketch, which are
+// added in range order at the end: results do not depend on the number of
+// threads or on which thread ran which range.
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kBlock = 1024;      // elements per block (stays in L1)
+constexpr int64_t kMinRange = 32768;  // elements per range, at least
+constexpr int64_t kMaxRanges = 16;
+constexpr int64_t kMaxSketchDim = int64_t{1} << 16;
+
+// Bits of the flags attribute.
+enum : int64_t {
+  kLocalization = 1,   // add the localization term
+  kWeightDecay = 2,    // add the weight decay term
+  kBox = 4,            // clamp to [w0 - b, w0 + b]
+  kMask = 8,           // multiply every component by the mask
+  kSums = 16,          // write the sums of products
+  kSketch = 32,        // write the count sketches
+  kInitial = 64,       // w0 is given (the displacement is a base vector)
+};
+
+// Sums of products of the masked base vectors: g (gradient), d (w - w0),
+// w (weight) and e (noise).
+enum { kGG, kDD, kEE, kGE, kGD, kDE, kWW, kGW, kWE, kNumSums };
+// The sketch output is (k, kNumRows): each bucket holds the signed sums of
+// g, d, w and e, in this order.
+constexpr int64_t kNumRows = 4;
+typedef float Quad __attribute__((vector_size(16)));
+
+inline uint32_t Rotl(uint32_t x, int d) { return (x << d) | (x >> (32 - d)); }
+
+#define SGLD_ROUND(r) x0 += x1; x1 = Rotl(x1, r); x1 ^= x0;
+
+// Threefry-2x32 with 20 rounds on the counter (0, i).
+inline void Threefry(uint32_t k0, uint32_t k1, uint32_t i, uint32_t& y0,
+                     uint32_t& y1) {
+  const uint32_t k2 = k0 ^ k1 ^ 0x1BD11BDAu;
+  uint32_t x0 = k0, x1 = i + k1;
+  SGLD_ROUND(13) SGLD_ROUND(15) SGLD_ROUND(26) SGLD_ROUND(6)
+  x0 += k1; x1 += k2; x1 += 1u;
+  SGLD_ROUND(17) SGLD_ROUND(29) SGLD_ROUND(16) SGLD_ROUND(24)
+  x0 += k2; x1 += k0; x1 += 2u;
+  SGLD_ROUND(13) SGLD_ROUND(15) SGLD_ROUND(26) SGLD_ROUND(6)
+  x0 += k0; x1 += k1; x1 += 3u;
+  SGLD_ROUND(17) SGLD_ROUND(29) SGLD_ROUND(16) SGLD_ROUND(24)
+  x0 += k1; x1 += k2; x1 += 4u;
+  SGLD_ROUND(13) SGLD_ROUND(15) SGLD_ROUND(26) SGLD_ROUND(6)
+  x0 += k2; x1 += k0; x1 += 5u;
+  y0 = x0;
+  y1 = x1;
+}
+
+#undef SGLD_ROUND
+
+inline float BitsToFloat(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint32_t FloatToBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// a * b + c with one rounding where the target has fused multiply-adds
+// (where LLVM, which generates XLA's CPU code, contracts them), two elsewhere.
+inline float Madd(float a, float b, float c) {
+#if defined(__FP_FAST_FMAF)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The Box-Muller draw of noise.normal_from_words.
+inline float Normal(uint32_t y0, uint32_t y1) {
+  const uint32_t x = y0 | 1u;
+  const uint32_t zeros = static_cast<uint32_t>(__builtin_clz(x));
+  const uint32_t mantissa = ((x << zeros) >> 8) & 0x7FFFFFu;
+  const bool big = mantissa >= 0x3504F3u;
+  const float m = BitsToFloat(mantissa | (big ? 0x3F000000u : 0x3F800000u));
+  const float e = (big ? 1.0f : 0.0f) - static_cast<float>(zeros + 1u);
+  const float t = m - 1.0f;
+  float p = 0.08632376790046692f;
+  p = Madd(p, t, -0.14196017384529114f);
+  p = Madd(p, t, 0.14908719062805176f);
+  p = Madd(p, t, -0.1658325046300888f);
+  p = Madd(p, t, 0.1996299922466278f);
+  p = Madd(p, t, -0.2500135600566864f);
+  p = Madd(p, t, 0.33333998918533325f);
+  p = Madd(p, t, -0.4999999403953552f);
+  p = Madd(p, t, 1.0f);
+  const float log_u = Madd(e, 0.6931471805599453f, t * p);
+  const float radius = std::sqrt(-2.0f * log_u);
+  const float v = static_cast<float>(y1 & 0x7FFFFFFFu) * 4.656612873077393e-10f;
+  const float v2 = v * v;
+  float c = -2.38830762100406e-05f;
+  c = Madd(c, v2, 0.0009178587351925671f);
+  c = Madd(c, v2, -0.020862795412540436f);
+  c = Madd(c, v2, 0.2536693513393402f);
+  c = Madd(c, v2, -1.2337005138397217f);
+  c = Madd(c, v2, 1.0f);
+  return BitsToFloat(FloatToBits(radius * c) ^ (y1 & 0x80000000u));
+}
+
+inline uint32_t Fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
+
+// The components of the update are these times the base vectors:
+// a_g = lr nbeta / 2, a_loc = lr gamma / 2, a_wd = lr lambda / 2 and
+// a_noise = sqrt(lr) sigma; box is the half-width of the bounding box.
+// x / k for x < 2^31 and 0 < k <= 2^16 by a multiplication and a shift
+// (Granlund & Montgomery, 1994), which vectorises, unlike integer division:
+// with s = 31 + ceil(log2 k) and m = ceil(2^s / k) < 2^32, the quotient is
+// floor(x m / 2^s) exactly.
+struct Divisor {
+  uint32_t m;
+  int shift;
+  explicit Divisor(uint32_t k) {
+    int bits = 0;
+    while ((uint64_t{1} << bits) < k) ++bits;
+    shift = 31 + bits;
+    m = static_cast<uint32_t>(((uint64_t{1} << shift) + k - 1) / k);
+  }
+};
+
+// Bucket (in [0, k)) and sign bit of inputs first, ..., first + len - 1:
+// the count sketch's hash (sketch.py).
+template <bool kPowerOfTwo>
+void HashBlock(uint32_t first, uint32_t salt1, uint32_t salt2, uint32_t k,
+               int len, uint32_t* __restrict bucket,
+               uint32_t* __restrict sign) {
+  const Divisor div(k);
+  const uint32_t m = div.m;
+  const int shift = div.shift;
+#pragma omp simd
+  for (int j = 0; j < len; ++j) {
+    const uint32_t i = first + static_cast<uint32_t>(j);
+    const uint32_t x = Fmix32(Fmix32(i ^ salt1) + salt2);
+    // Bucket from the low 31 bits, sign from the top bit.
+    const uint32_t low = x & 0x7FFFFFFFu;
+    if (kPowerOfTwo) {
+      bucket[j] = low & (k - 1);
+    } else {
+      const uint32_t q =
+          static_cast<uint32_t>((uint64_t{low} * uint64_t{m}) >> shift);
+      bucket[j] = low - q * k;
+    }
+    sign[j] = x & 0x80000000u;
+  }
+}
+
+// acc[bucket[j]] += (a[j], b[j], c[j], e[j]) for j < len.
+inline void Scatter(Quad* __restrict acc, const uint32_t* __restrict bucket,
+                    const float* a, const float* b, const float* c,
+                    const float* e, int len) {
+  int j = 0;
+#if defined(__SSE2__)
+  // Four elements at a time, transposed in registers.
+  for (; j + 4 <= len; j += 4) {
+    const __m128 va = _mm_loadu_ps(a + j), vb = _mm_loadu_ps(b + j);
+    const __m128 vc = _mm_loadu_ps(c + j), ve = _mm_loadu_ps(e + j);
+    const __m128 ab_lo = _mm_unpacklo_ps(va, vb), ce_lo = _mm_unpacklo_ps(vc, ve);
+    const __m128 ab_hi = _mm_unpackhi_ps(va, vb), ce_hi = _mm_unpackhi_ps(vc, ve);
+    const __m128 q0 = _mm_movelh_ps(ab_lo, ce_lo), q1 = _mm_movehl_ps(ce_lo, ab_lo);
+    const __m128 q2 = _mm_movelh_ps(ab_hi, ce_hi), q3 = _mm_movehl_ps(ce_hi, ab_hi);
+    float* p0 = reinterpret_cast<float*>(acc + bucket[j]);
+    _mm_store_ps(p0, _mm_add_ps(_mm_load_ps(p0), q0));
+    float* p1 = reinterpret_cast<float*>(acc + bucket[j + 1]);
+    _mm_store_ps(p1, _mm_add_ps(_mm_load_ps(p1), q1));
+    float* p2 = reinterpret_cast<float*>(acc + bucket[j + 2]);
+    _mm_store_ps(p2, _mm_add_ps(_mm_load_ps(p2), q2));
+    float* p3 = reinterpret_cast<float*>(acc + bucket[j + 3]);
+    _mm_store_ps(p3, _mm_add_ps(_mm_load_ps(p3), q3));
+  }
+#endif
+  for (; j < len; ++j) {
+    const Quad q = {a[j], b[j], c[j], e[j]};
+    acc[bucket[j]] += q;
+  }
+}
+
+struct Scalars {
+  float grad, localization, weight_decay, noise, box;
+};
+
+struct Job {
+  int64_t n, flags, k, offset;
+  uint32_t key0, key1, salt1, salt2;
+  Scalars s;
+  const float *w, *g, *w0, *mask;
+  float* u;
+  int64_t num_ranges, range_size, num_rows;
+  void (*update)(const Job&, int64_t, int, float*, float*, float*, float*);
+  // Per range: kNumSums partial sums, and k x num_rows sketch buckets.
+  std::vector<double> sums;
+  std::vector<float> sketch;
+};
+
+// The update of elements [0, len) of a block, and the masked base vectors
+// the sums and the sketch read. One instance per combination of terms, so
+// that the loop has no branches and vectorises.
+template <bool kHasMask, bool kLoc, bool kWd, bool kHasBox, bool kHasW0>
+void UpdateBlock(const Job& job, int64_t begin, int len, float* __restrict eta,
+                 float* __restrict dist, float* __restrict gm,
+                 float* __restrict wm) {
+  const Scalars s = job.s;
+  const uint32_t key0 = job.key0, key1 = job.key1;
+  const uint32_t first = static_cast<uint32_t>(begin);
+  const float* __restrict w = job.w + begin;
+  const float* __restrict g = job.g + begin;
+  const float* __restrict w0 = kHasW0 ? job.w0 + begin : job.w + begin;
+  const float* __restrict mask = kHasMask ? job.mask + begin : job.w + begin;
+  float* __restrict u = job.u + begin;
+#pragma omp simd
+  for (int j = 0; j < len; ++j) {
+    uint32_t y0, y1;
+    Threefry(key0, key1, first + static_cast<uint32_t>(j), y0, y1);
+    const float e = Normal(y0, y1);
+    const float wj = w[j], gj = g[j];
+    const float d = kHasW0 ? wj - w0[j] : 0.0f;
+    const float mj = kHasMask ? mask[j] : 1.0f;
+    // drift = a_g g + a_loc d + a_wd w and u = a_noise e - drift, each
+    // masked, with a multiply-add wherever a product meets a sum.
+    const float mg = kHasMask ? s.grad * gj : gj;
+    const float md = kHasMask ? s.localization * d : d;
+    const float mw = kHasMask ? s.weight_decay * wj : wj;
+    const float cg = kHasMask ? mj : s.grad;
+    const float cd = kHasMask ? mj : s.localization;
+    const float cw = kHasMask ? mj : s.weight_decay;
+    float drift;
+    if (kLoc && kWd) {
+      drift = Madd(cw, mw, Madd(cg, mg, cd * md));
+    } else if (kLoc) {
+      drift = Madd(cg, mg, cd * md);
+    } else if (kWd) {
+      drift = Madd(cg, mg, cw * mw);
+    } else {
+      drift = cg * mg;
+    }
+    float uj = kHasMask ? Madd(s.noise * e, mj, -drift)
+                        : Madd(s.noise, e, -drift);
+    if (kHasBox) {
+      const float lo = w0[j] - s.box, hi = w0[j] + s.box;
+      uj = std::min(std::max(wj + uj, lo), hi) - wj;
+    }
+    u[j] = uj;
+    eta[j] = kHasMask ? e * mj : e;
+    dist[j] = kHasMask ? d * mj : d;
+    gm[j] = kHasMask ? gj * mj : gj;
+    wm[j] = kHasMask ? wj * mj : wj;
+  }
+}
+
+using UpdateFn = void (*)(const Job&, int64_t, int, float*, float*, float*,
+                          float*);
+
+template <int kBits>
+constexpr UpdateFn UpdateFor() {
+  return &UpdateBlock<(kBits & 1) != 0, (kBits & 2) != 0, (kBits & 4) != 0,
+                      (kBits & 8) != 0, (kBits & 16) != 0>;
+}
+
+template <int... kBits>
+constexpr auto MakeTable(std::integer_sequence<int, kBits...>) {
+  return std::array<UpdateFn, sizeof...(kBits)>{UpdateFor<kBits>()...};
+}
+
+constexpr auto kUpdates = MakeTable(std::make_integer_sequence<int, 32>());
+
+UpdateFn SelectUpdate(int64_t flags) {
+  const int bits = ((flags & kMask) ? 1 : 0) | ((flags & kLocalization) ? 2 : 0) |
+                   ((flags & kWeightDecay) ? 4 : 0) | ((flags & kBox) ? 8 : 0) |
+                   ((flags & kInitial) ? 16 : 0);
+  return kUpdates[bits];
+}
+
+// Block [begin, end) of the leaf: the update, and the range's sums and
+// sketch.
+void RunBlock(const Job& job, int64_t begin, int64_t end, double* sums,
+              float* sketch) {
+  const int64_t flags = job.flags;
+  const int len = static_cast<int>(end - begin);
+  const bool wd = flags & kWeightDecay;
+  alignas(64) float eta[kBlock], dist[kBlock], gm[kBlock], wm[kBlock];
+  job.update(job, begin, len, eta, dist, gm, wm);
+  if (flags & kSums) {
+    float gg = 0, dd = 0, ee = 0, ge = 0, gd = 0, dE = 0, ww = 0, gw = 0,
+          we = 0;
+#pragma omp simd reduction(+ : gg, dd, ee, ge, gd, dE, ww, gw, we)
+    for (int j = 0; j < len; ++j) {
+      gg += gm[j] * gm[j];
+      dd += dist[j] * dist[j];
+      ee += eta[j] * eta[j];
+      ge += gm[j] * eta[j];
+      gd += gm[j] * dist[j];
+      dE += dist[j] * eta[j];
+      ww += wm[j] * wm[j];
+      gw += gm[j] * wm[j];
+      we += wm[j] * eta[j];
+    }
+    sums[kGG] += gg; sums[kDD] += dd; sums[kEE] += ee;
+    sums[kGE] += ge; sums[kGD] += gd; sums[kDE] += dE;
+    sums[kWW] += ww; sums[kGW] += gw; sums[kWE] += we;
+  }
+  if (flags & kSketch) {
+    const uint32_t k = static_cast<uint32_t>(job.k);
+    const uint32_t first = static_cast<uint32_t>(job.offset + begin);
+    const uint32_t salt1 = job.salt1, salt2 = job.salt2;
+    alignas(64) uint32_t bucket[kBlock], sign[kBlock];
+    if ((k & (k - 1)) == 0) {
+      HashBlock<true>(first, salt1, salt2, k, len, bucket, sign);
+    } else {
+      HashBlock<false>(first, salt1, salt2, k, len, bucket, sign);
+    }
+    // The signs first, in place (the sums have been taken): then each
+    // element is one 16-byte add, a bucket holding the sums of g, d, w and
+    // e side by side.
+    uint32_t* vectors[kNumRows] = {
+        reinterpret_cast<uint32_t*>(gm), reinterpret_cast<uint32_t*>(dist),
+        reinterpret_cast<uint32_t*>(wm), reinterpret_cast<uint32_t*>(eta)};
+    for (uint32_t* v : vectors) {
+#pragma omp simd
+      for (int j = 0; j < len; ++j) v[j] ^= sign[j];
+    }
+    Scatter(reinterpret_cast<Quad*>(sketch), bucket, gm, dist, wm, eta, len);
+  }
+}
+
+void RunRange(Job& job, int64_t r) {
+  const int64_t begin = r * job.range_size;
+  const int64_t end = std::min(job.n, begin + job.range_size);
+  double* sums = job.sums.data() + r * kNumSums;
+  float* sketch = (job.flags & kSketch)
+                      ? job.sketch.data() + r * job.num_rows * job.k
+                      : nullptr;
+  for (int64_t b = begin; b < end; b += kBlock) {
+    RunBlock(job, b, std::min(end, b + kBlock), sums, sketch);
+  }
+}
+
+// Ranges handed out to whichever thread asks next; shared with the helper
+// tasks, which may start after the call has returned.
+struct Work {
+  Job job;
+  std::atomic<int64_t> next{0};
+  int64_t done = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+
+  void Drain() {
+    int64_t finished = 0;
+    for (int64_t r; (r = next.fetch_add(1)) < job.num_ranges;) {
+      RunRange(job, r);
+      ++finished;
+    }
+    if (finished) {
+      std::lock_guard<std::mutex> lock(mu);
+      done += finished;
+      if (done == job.num_ranges) cv.notify_all();
+    }
+  }
+};
+
+ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
+                ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w0,
+                ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::U32> key,
+                ffi::Buffer<ffi::F32> scalars,
+                ffi::ResultBuffer<ffi::F32> u,
+                ffi::ResultBuffer<ffi::F32> sums,
+                ffi::ResultBuffer<ffi::F32> sketch, int64_t flags,
+                int64_t sketch_dim, int64_t offset, int64_t salt1,
+                int64_t salt2) {
+  const int64_t n = static_cast<int64_t>(w.element_count());
+  if (g.element_count() != w.element_count() ||
+      u->element_count() != w.element_count()) {
+    return ffi::Error::InvalidArgument("w, g and u must have one size");
+  }
+  if ((flags & kInitial) && w0.element_count() != w.element_count()) {
+    return ffi::Error::InvalidArgument("w0 must have the size of w");
+  }
+  if ((flags & kMask) && mask.element_count() != w.element_count()) {
+    return ffi::Error::InvalidArgument("mask must have the size of w");
+  }
+  if (key.element_count() != 2 || scalars.element_count() != 5 ||
+      sums->element_count() != kNumSums) {
+    return ffi::Error::InvalidArgument("bad key, scalars or sums shape");
+  }
+  if ((flags & kSketch) &&
+      (sketch_dim < 1 || sketch_dim > kMaxSketchDim ||
+       sketch->element_count() != static_cast<size_t>(kNumRows * sketch_dim))) {
+    return ffi::Error::InvalidArgument("bad sketch shape");
+  }
+
+  auto work = std::make_shared<Work>();
+  Job& job = work->job;
+  job.n = n;
+  job.flags = flags;
+  job.k = sketch_dim;
+  job.offset = offset;
+  job.key0 = key.typed_data()[0];
+  job.key1 = key.typed_data()[1];
+  job.salt1 = static_cast<uint32_t>(salt1);
+  job.salt2 = static_cast<uint32_t>(salt2);
+  const float* sc = scalars.typed_data();
+  job.s = Scalars{sc[0], sc[1], sc[2], sc[3], sc[4]};
+  job.w = w.typed_data();
+  job.g = g.typed_data();
+  job.w0 = w0.typed_data();
+  job.mask = mask.typed_data();
+  job.u = u->typed_data();
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  job.num_ranges = std::max<int64_t>(
+      1, std::min<int64_t>(kMaxRanges, (n + kMinRange - 1) / kMinRange));
+  job.range_size =
+      (blocks + job.num_ranges - 1) / job.num_ranges * kBlock;
+  job.num_ranges = std::max<int64_t>(1, (n + job.range_size - 1) /
+                                            std::max<int64_t>(1, job.range_size));
+  job.num_rows = kNumRows;
+  job.update = SelectUpdate(flags);
+  job.sums.assign(job.num_ranges * kNumSums, 0.0);
+  if (flags & kSketch) {
+    job.sketch.assign(job.num_ranges * kNumRows * sketch_dim, 0.0f);
+  }
+
+  if (n > 0) {
+    // The calling thread works too: with XLA's threads as many as the cores,
+    // one fewer helper keeps every core busy without oversubscribing them.
+    const int64_t helpers = std::min<int64_t>(
+        std::max<int64_t>(pool.num_threads() - 1, 0), job.num_ranges - 1);
+    for (int64_t h = 0; h < helpers; ++h) {
+      pool.Schedule([work] { work->Drain(); });
+    }
+    work->Drain();
+    std::unique_lock<std::mutex> lock(work->mu);
+    work->cv.wait(lock, [&] { return work->done == job.num_ranges; });
+  }
+
+  float* out = sums->typed_data();
+  for (int q = 0; q < kNumSums; ++q) {
+    double total = 0.0;
+    for (int64_t r = 0; r < job.num_ranges; ++r) {
+      total += job.sums[r * kNumSums + q];
+    }
+    out[q] = static_cast<float>(total);
+  }
+  if (flags & kSketch) {
+    float* out_sketch = sketch->typed_data();
+    const int64_t size = kNumRows * sketch_dim;
+    std::memset(out_sketch, 0, size * sizeof(float));
+    for (int64_t r = 0; r < job.num_ranges; ++r) {
+      const float* part = job.sketch.data() + r * size;
+      for (int64_t i = 0; i < size; ++i) out_sketch[i] += part[i];
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SgldOptaxCpuStep, Step,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mask
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // key
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scalars
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // u
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // sums
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // sketch
+                                  .Attr<int64_t>("flags")
+                                  .Attr<int64_t>("sketch_dim")
+                                  .Attr<int64_t>("offset")
+                                  .Attr<int64_t>("salt1")
+                                  .Attr<int64_t>("salt2"));

@@ -1,0 +1,194 @@
+r"""A native CPU kernel for the SGLD step: update, metrics and sketch in one pass.
+
+XLA's CPU backend compiles the sampler's step as several loops: the update
+(with its noise), one library reduction per sum of products behind the
+metrics, and one scatter per vector sketched, each reading its inputs from
+memory again. ``cpu_kernel.cc`` does the whole step of a float32 leaf in one
+pass over blocks of 1024 elements that stay in the L1 cache: Threefry-2x32
+and the Box-Muller transform of ``noise.py``, the update of ``sgld.py``, the
+nine sums of products of the masked base vectors (gradient :math:`g`,
+displacement :math:`w - w_0`, weight :math:`w`, noise :math:`\eta`) and the
+scatter of each into the :math:`2k` signed buckets of the count sketch. It
+runs on XLA's own intra-op threads, over at most 16 ranges of the leaf fixed
+by its size, whose partial results are added in order, so its results do not
+depend on the number of threads.
+
+The noise is bitwise equal to the XLA program's: the kernel performs the
+same float32 operations in the same order and forms a multiply-add exactly
+where LLVM, which generates XLA's CPU code, contracts one. The update is the
+same formula, with a multiply-add wherever a product meets a sum; XLA's
+choice there depends on which hyperparameters are compile-time constants
+(it reassociates products of constants first), so the updates agree with
+XLA's to float32 rounding, not bit for bit, and a chain run with the kernel
+drifts from one run without it by rounding. The kernel's updates do not
+depend on whether metrics or sketches are kept, nor on the number of
+threads. The sums and sketches add the same terms in another order.
+
+The source is compiled the first time it is needed, with the system's C++
+compiler (``$CXX``, else ``c++``) for the host CPU (``-march=native``) and
+against the XLA FFI headers that ship with jaxlib, into a cache directory
+(``$SGLD_OPTAX_CACHE``, else ``$XDG_CACHE_HOME/sgld_optax``, else
+``~/.cache/sgld_optax``), keyed by the source, jaxlib's version, the
+compiler's version and the flags; later processes load the cached library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                       "cpu_kernel.cc")
+_TARGET = "sgld_optax_cpu_step"
+_SYMBOL = "SgldOptaxCpuStep"
+
+# Bits of the kernel's flags attribute (cpu_kernel.cc).
+LOCALIZATION, WEIGHT_DECAY, BOX, MASK, SUMS, SKETCH, INITIAL = (
+    1, 2, 4, 8, 16, 32, 64)
+# Order of the kernel's sums of products of the masked base vectors.
+SUM_PAIRS = (("g", "g"), ("d", "d"), ("e", "e"), ("g", "e"), ("g", "d"),
+             ("d", "e"), ("w", "w"), ("g", "w"), ("w", "e"))
+# Columns of its sketch output.
+SKETCH_COLUMNS = ("g", "d", "w", "e")
+# Largest sketch dimension the kernel takes: each of its (at most 16) ranges
+# keeps 4 x k float32 buckets.
+MAX_SKETCH_DIM = 1 << 16
+
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+          "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd")
+
+
+class KernelUnavailable(RuntimeError):
+    """The native CPU kernel could not be built or loaded."""
+
+
+def _cache_dir() -> str:
+    explicit = os.environ.get("SGLD_OPTAX_CACHE")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sgld_optax")
+
+
+def _compiler() -> list:
+    return shlex.split(os.environ.get("CXX", "c++"))
+
+
+def _compiler_version(cxx: list) -> str:
+    try:
+        out = subprocess.run(cxx + ["--version"], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise KernelUnavailable(
+            f"the native CPU kernel needs a C++ compiler; running "
+            f"{' '.join(cxx)!r} failed: {err}. Set $CXX to one.") from err
+    return out.stdout + out.stderr
+
+
+def _build() -> str:
+    """Compiles cpu_kernel.cc (or finds it in the cache); returns its path."""
+    import jaxlib
+
+    cxx = _compiler()
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    include = jax.ffi.include_dir()
+    digest = hashlib.sha256(b"\0".join([
+        source, jaxlib.__version__.encode(),
+        _compiler_version(cxx).encode(), " ".join(cxx + list(_FLAGS)).encode(),
+    ])).hexdigest()[:20]
+    directory = _cache_dir()
+    path = os.path.join(directory, f"cpu_kernel-{digest}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    cmd = cxx + list(_FLAGS) + ["-I", include, _SOURCE, "-o", tmp]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        os.unlink(tmp)
+        raise KernelUnavailable(
+            f"compiling the native CPU kernel failed: {err}") from err
+    if out.returncode != 0:
+        os.unlink(tmp)
+        raise KernelUnavailable(
+            "compiling the native CPU kernel failed:\n  "
+            + " ".join(shlex.quote(c) for c in cmd) + "\n"
+            + (out.stderr or out.stdout)[-4000:])
+    os.replace(tmp, path)  # atomic: concurrent builders each write their own
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> str:
+    """Builds (once per cache) and registers the kernel; returns the library path.
+
+    Raises:
+      KernelUnavailable: if there is no C++ compiler, or compiling or loading
+        the kernel fails (the message has the compiler's output).
+    """
+    path = _build()
+    try:
+        library = ctypes.cdll.LoadLibrary(path)
+        handler = getattr(library, _SYMBOL)
+    except (OSError, AttributeError) as err:
+        raise KernelUnavailable(
+            f"loading the native CPU kernel from {path} failed: {err}") from err
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler),
+                                platform="cpu")
+    return path
+
+
+def leaf_step(w, g, w0, mask, key_words, scalars, *, flags: int,
+              sketch_dim: int = 0, offset: int = 0, salts=(0, 0)):
+    """One leaf's step by the kernel (call under ``platform_dependent(cpu=)``).
+
+    Args:
+      w, g: float32 arrays of one shape: the params and the gradient.
+      w0: float32 initial params (with the ``INITIAL`` flag), or ``None``.
+      mask: float32 0/1 array (with the ``MASK`` flag), or ``None``.
+      key_words: the two uint32 words of the leaf's Threefry key.
+      scalars: float32 scalars ``(a_g, a_loc, a_wd, a_noise, box)``: the
+        factors of the gradient, displacement, weight and noise in the
+        update (0 for an absent term) and the bounding box's half-width.
+      flags: OR of the flag constants of this module.
+      sketch_dim: :math:`k`, with the ``SKETCH`` flag.
+      offset: index of the leaf's first element in the flattened params.
+      salts: the two uint32 salts of the count sketch's hash.
+
+    Returns:
+      ``(updates, sums, sketch)``: the float32 updates shaped like ``w``, the
+      float32 ``(9,)`` sums in ``SUM_PAIRS`` order, and the float32
+      ``(sketch_dim, 4)`` count sketches of the vectors in
+      ``SKETCH_COLUMNS`` order (``(0, 4)`` without the ``SKETCH`` flag).
+    """
+    empty = jnp.zeros((0,), jnp.float32)
+    key = jnp.stack([jnp.asarray(k, jnp.uint32) for k in key_words])
+    scalars = jnp.stack([jnp.asarray(s, jnp.float32) for s in scalars])
+    width = sketch_dim if flags & SKETCH else 0
+    call = jax.ffi.ffi_call(
+        _TARGET,
+        (jax.ShapeDtypeStruct(w.shape, jnp.float32),
+         jax.ShapeDtypeStruct((len(SUM_PAIRS),), jnp.float32),
+         jax.ShapeDtypeStruct((width, len(SKETCH_COLUMNS)), jnp.float32)),
+        vmap_method="sequential")
+    return call(w, g, empty if w0 is None else w0,
+                empty if mask is None else mask, key, scalars,
+                flags=np.int64(flags), sketch_dim=np.int64(sketch_dim),
+                offset=np.int64(offset), salt1=np.int64(salts[0]),
+                salt2=np.int64(salts[1]))

@@ -1,0 +1,347 @@
+"""The native CPU kernel behind ``sgld(..., native_cpu=True)``.
+
+Its updates, metrics and sketches are checked against a float64 oracle (the
+SGLD rule, the metric definitions and a hand-built count sketch, with the
+noise of the float64 reference of ``sgld_testing``), and against the XLA
+step; its noise against the XLA step's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sgld_optax as so
+from sgld_optax._src import cpu_kernel
+from sgld_testing import quiet_sgld_warnings, reference_step_noise
+
+LR, NBETA = 1e-3, 8.0
+
+# More elements than one of the kernel's ranges (32768), odd shapes, a scalar.
+SHAPES = {"big": (300, 401), "odd": (7, 3, 5), "vec": (1001,), "s": ()}
+
+
+def make(seed=0, shapes=SHAPES):
+    rng = np.random.default_rng(seed)
+    params = {k: jnp.asarray(rng.normal(size=s), jnp.float32)
+              for k, s in shapes.items()}
+    grads = {k: jnp.asarray(rng.normal(size=s), jnp.float32)
+             for k, s in shapes.items()}
+    mask = {k: jnp.asarray(rng.random(size=s) < 0.7)
+            for k, s in shapes.items()}
+    return params, grads, mask
+
+
+def oracle(params, grads, initial, key, *, loc, wd, box, mask, sketch):
+    """float64 new params, Metrics fields and SketchBuffer fields of a step."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    flat = lambda t: [np.asarray(x, np.float64).reshape(-1)
+                      for x in treedef.flatten_up_to(t)]
+    w, g, w0 = flat(params), flat(grads), flat(initial)
+    m = flat(mask) if mask is not None else [np.ones_like(x) for x in w]
+    eta = [e.reshape(-1) for e in reference_step_noise(key, leaves)]
+    w, g, w0, m, eta = (np.concatenate(v) for v in (w, g, w0, m, eta))
+    d = w - w0
+    a_g, a_l, a_w, a_x = LR / 2 * NBETA, LR / 2 * loc, LR / 2 * wd, math.sqrt(LR)
+    comp = dict(g=a_g * m * g, l=a_l * m * d, w=a_w * m * w, x=a_x * m * eta)
+    new = w - comp["g"] - comp["l"] - comp["w"] + comp["x"]
+    if box is not None:
+        new = np.clip(new, w0 - box, w0 + box)
+    prior = comp["l"] + comp["w"]
+    metrics = dict(
+        scaled_grad=np.linalg.norm(comp["g"]),
+        localization=np.linalg.norm(comp["l"]),
+        weight_decay=np.linalg.norm(comp["w"]),
+        noise=np.linalg.norm(comp["x"]),
+        distance=np.linalg.norm(m * d),
+        dot_grad_prior=comp["g"] @ prior,
+        dot_grad_noise=comp["g"] @ comp["x"],
+        dot_prior_noise=prior @ comp["x"],
+        numel=m.sum())
+    sketches = None
+    if sketch is not None:
+        idx, sgn = (np.asarray(a) for a in sketch.buckets_and_signs(0, w.size))
+
+        def hand(v):
+            out = np.zeros(sketch.output_dim)
+            np.add.at(out, idx, np.asarray(sgn, np.float64) * v)
+            return out
+        sketches = dict(scaled_grad=hand(comp["g"]),
+                        localization=hand(comp["l"]),
+                        weight_decay=hand(comp["w"]), noise=hand(comp["x"]))
+    return new, metrics, sketches
+
+
+def flat_params(tree):
+    return np.concatenate([np.asarray(x, np.float64).reshape(-1)
+                           for x in jax.tree_util.tree_leaves(tree)])
+
+
+def step(tx, params, grads, initial=None):
+    state = tx.init(initial if initial is not None else params)
+    return jax.jit(tx.update)(grads, state, params), state
+
+
+CONFIGS = [
+    dict(loc=0.0, wd=0.0, box=None, mask=False),
+    dict(loc=50.0, wd=0.0, box=None, mask=False),
+    dict(loc=0.0, wd=0.3, box=None, mask=True),
+    dict(loc=50.0, wd=0.3, box=None, mask=True),
+    dict(loc=50.0, wd=0.3, box=2e-3, mask=False),
+    dict(loc=10.0, wd=0.0, box=2e-3, mask=True),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(
+    f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("sketch_dim", [1000, 1024])
+def test_native_step_matches_float64_oracle_and_xla(cfg, sketch_dim):
+    params, grads, mask = make()
+    initial = jax.tree.map(lambda x: x - 0.01, params)
+    kwargs = dict(nbeta=NBETA, localization=cfg["loc"],
+                  weight_decay=cfg["wd"], bounding_box_size=cfg["box"],
+                  mask=mask if cfg["mask"] else None, save_metrics=True,
+                  sketch_dim=sketch_dim, key=4)
+    with quiet_sgld_warnings():
+        native = so.sgld(LR, native_cpu=True, **kwargs)
+        xla = so.sgld(LR, **kwargs)
+    (u, s), state = step(native, params, grads, initial)
+    (u_x, s_x), _ = step(xla, params, grads, initial)
+    cs = so.CountSketch(flat_params(params).size, sketch_dim, 0)
+    new, metrics, sketches = oracle(
+        params, grads, initial, state.key, loc=cfg["loc"], wd=cfg["wd"],
+        box=cfg["box"], mask=mask if cfg["mask"] else None, sketch=cs)
+
+    tol = 8 * 2.0**-24
+    got = flat_params(optax.apply_updates(params, u))
+    np.testing.assert_allclose(got, new, rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        got, flat_params(optax.apply_updates(params, u_x)), rtol=tol, atol=tol)
+    for name, want in metrics.items():
+        np.testing.assert_allclose(float(getattr(s.metrics, name)), want,
+                                   rtol=2e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(float(getattr(s.metrics, name)),
+                                   float(getattr(s_x.metrics, name)),
+                                   rtol=2e-5, atol=1e-7, err_msg=name)
+    for name, want in sketches.items():
+        scale = max(np.abs(want).max(), 1e-30)
+        np.testing.assert_allclose(np.asarray(getattr(s.sketch, name)), want,
+                                   rtol=0, atol=1e-5 * scale, err_msg=name)
+    np.testing.assert_array_equal(s.sketch.unscaled_grad, s.sketch.scaled_grad)
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("save_metrics", [False, True])
+def test_native_noise_is_the_xla_noise_bit_for_bit(use_mask, save_metrics):
+    # With zero gradients and no prior the update is sqrt(lr) * m * eta, a
+    # single rounding of the noise, so both must give the same bits.
+    params, grads, mask = make(1)
+    zeros = jax.tree.map(jnp.zeros_like, grads)
+    kwargs = dict(nbeta=NBETA, mask=mask if use_mask else None,
+                  save_metrics=save_metrics, key=11)
+    u_native, _ = step(so.sgld(LR, native_cpu=True, **kwargs), params, zeros)[0]
+    u_xla, _ = step(so.sgld(LR, **kwargs), params, zeros)[0]
+    for k in params:
+        np.testing.assert_array_equal(u_native[k], u_xla[k], err_msg=k)
+    assert float(jnp.max(jnp.abs(u_native["big"]))) > 0
+
+
+def test_metrics_and_sketches_do_not_change_native_updates():
+    params, grads, mask = make(2)
+    updates = []
+    for extra in ({}, {"save_metrics": True}, {"sketch_dim": 64},
+                  {"save_metrics": True, "sketch_dim": 3}):
+        tx = so.sgld(LR, nbeta=NBETA, localization=5.0, weight_decay=0.1,
+                     mask=mask, key=2, native_cpu=True, **extra)
+        updates.append(step(tx, params, grads)[0][0])
+    for u in updates[1:]:
+        for k in params:
+            np.testing.assert_array_equal(u[k], updates[0][k], err_msg=k)
+
+
+def test_native_results_do_not_depend_on_the_thread_count(tmp_path):
+    if shutil.which("taskset") is None:
+        pytest.skip("needs taskset to run on one core")
+    script = textwrap.dedent("""
+        import hashlib, jax, jax.numpy as jnp, numpy as np
+        import sgld_optax as so
+        rng = np.random.default_rng(0)
+        params = {"a": jnp.asarray(rng.normal(size=(600, 700)), jnp.float32)}
+        grads = {"a": jnp.asarray(rng.normal(size=(600, 700)), jnp.float32)}
+        tx = so.sgld(1e-3, nbeta=10.0, localization=1.0, save_metrics=True,
+                     sketch_dim=100, key=1, native_cpu=True)
+        u, s = jax.jit(tx.update)(grads, tx.init(params), params)
+        out = [np.asarray(u["a"]), *map(np.asarray, s.metrics),
+               *map(np.asarray, s.sketch)]
+        print("DIGEST", hashlib.sha256(b"".join(x.tobytes() for x in out))
+              .hexdigest())
+    """)
+    digests = []
+    for prefix in ([], ["taskset", "-c", "0"]):
+        proc = subprocess.run(prefix + [sys.executable, "-c", script],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        digests.append([l for l in proc.stdout.splitlines()
+                        if l.startswith("DIGEST")][-1])
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("k", [1, 3, 1024, 40000, 2**16])
+def test_native_sketch_equals_a_hand_sketch(k):
+    params, grads, _ = make(3, {"a": (70000,), "b": (513,)})
+    tx = so.sgld(LR, nbeta=NBETA, sketch_dim=k, sketch_seed=5, key=0,
+                 native_cpu=True)
+    (_, state), _ = step(tx, params, grads)
+    cs = so.CountSketch(70513, k, 5)
+    idx, sgn = (np.asarray(a) for a in cs.buckets_and_signs(0, 70513))
+    want = np.zeros(k)
+    np.add.at(want, idx, sgn * flat_params(grads) * (LR / 2 * NBETA))
+    np.testing.assert_allclose(np.asarray(state.sketch.scaled_grad), want,
+                               rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def _kernel_calls(tx, params, grads):
+    text = jax.jit(tx.update).lower(grads, tx.init(params), params).as_text()
+    return text.count(cpu_kernel._TARGET)
+
+
+def test_native_kernel_takes_the_float32_leaves_only():
+    params, grads, _ = make(4)
+    params["half"] = jnp.ones((5, 3), jnp.bfloat16)
+    grads["half"] = jnp.ones((5, 3), jnp.bfloat16)
+    kwargs = dict(nbeta=NBETA, localization=1.0, save_metrics=True,
+                  sketch_dim=16, key=6)
+    native = so.sgld(LR, native_cpu=True, **kwargs)
+    assert _kernel_calls(native, params, grads) == 4
+    assert _kernel_calls(so.sgld(LR, **kwargs), params, grads) == 0
+    # The bfloat16 leaf goes through XLA and joins the kernel's results.
+    (u, s), _ = step(native, params, grads)
+    (u_x, s_x), _ = step(so.sgld(LR, **kwargs), params, grads)
+    np.testing.assert_array_equal(u["half"], u_x["half"])
+    for a, b in zip(s.metrics, s_x.metrics):
+        np.testing.assert_allclose(a, b, rtol=2e-5)
+    for a, b in zip(s.sketch, s_x.sketch):
+        np.testing.assert_allclose(a, b, rtol=0,
+                                   atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("case", ["tables", "too-large", "rbg"])
+def test_native_falls_back_where_the_kernel_does_not_apply(case):
+    params, grads, _ = make(5, {"a": (300, 7), "b": (11,)})
+    kwargs = dict(nbeta=NBETA, localization=1.0, save_metrics=True, key=3)
+    if case == "tables":
+        rng = np.random.default_rng(0)
+        kwargs["sketch"] = so.CountSketch.from_tables(
+            rng.integers(0, 8, 2111), rng.choice([-1, 1], 2111), 8)
+    elif case == "too-large":
+        kwargs["sketch_dim"] = cpu_kernel.MAX_SKETCH_DIM + 1
+    else:
+        kwargs["key"] = jax.random.key(3, impl="rbg")
+        kwargs["sketch_dim"] = 8
+    native = so.sgld(LR, native_cpu=True, **kwargs)
+    xla = so.sgld(LR, **kwargs)
+    (u, s), _ = step(native, params, grads)
+    (u_x, s_x), _ = step(xla, params, grads)
+    # Update and metrics by the kernel where it can; the sketch by XLA.
+    assert _kernel_calls(native, params, grads) == (0 if case == "rbg" else 2)
+    for k in params:
+        np.testing.assert_allclose(u[k], u_x[k], rtol=1e-6, atol=1e-9)
+    for a, b in zip(s.metrics, s_x.metrics):
+        np.testing.assert_allclose(a, b, rtol=2e-5)
+    for a, b in zip(s.sketch, s_x.sketch):
+        np.testing.assert_allclose(a, b, rtol=0,
+                                   atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_native_vmapped_chains_are_the_single_chains():
+    params, grads, _ = make(6)
+    tx = so.sgld(LR, nbeta=NBETA, localization=2.0, save_metrics=True,
+                 sketch_dim=32, key=0, native_cpu=True)
+    state = tx.init(params)
+    keys = jax.random.split(jax.random.key(9), 3)
+    states = jax.vmap(lambda k: state._replace(key=k))(keys)
+    u, s = jax.jit(jax.vmap(tx.update, in_axes=(None, 0, None)))(
+        grads, states, params)
+    for c in range(3):
+        u_c, s_c = jax.jit(tx.update)(grads, state._replace(key=keys[c]),
+                                      params)
+        for k in params:
+            np.testing.assert_array_equal(u[k][c], u_c[k])
+        for a, b in zip(s.metrics, s_c.metrics):
+            np.testing.assert_array_equal(a[c], b)
+        for a, b in zip(s.sketch, s_c.sketch):
+            np.testing.assert_array_equal(a[c], b)
+    assert not np.array_equal(u["big"][0], u["big"][1])
+
+
+def test_native_with_traced_hyperparameters():
+    params, grads, _ = make(7)
+    make_tx = lambda native: optax.inject_hyperparams(
+        so.sgld, static_args=("key", "sketch_dim", "native_cpu",
+                              "save_metrics"))(
+        learning_rate=LR, nbeta=NBETA, localization=3.0, save_metrics=True,
+        key=1, native_cpu=native)
+    outs = []
+    for native in (True, False):
+        tx = make_tx(native)
+        state = tx.init(params)
+        state.hyperparams["learning_rate"] = jnp.asarray(2 * LR)
+        u, new_state = jax.jit(tx.update)(grads, state, params)
+        outs.append((u, so.get_metrics(new_state)))
+    for k in params:
+        np.testing.assert_allclose(outs[0][0][k], outs[1][0][k], rtol=1e-6,
+                                   atol=1e-9)
+    np.testing.assert_allclose(outs[0][1].noise, outs[1][1].noise, rtol=1e-5)
+    # The traced rate reached the kernel: noise norm ~ sqrt(2 lr * numel).
+    numel = sum(int(np.size(p)) for p in params.values())
+    assert abs(float(outs[0][1].noise) / math.sqrt(2 * LR * numel) - 1) < 0.02
+
+
+def test_native_cpu_must_be_a_bool():
+    with pytest.raises(TypeError, match="native_cpu"):
+        so.sgld(LR, nbeta=NBETA, native_cpu="yes")
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SGLD_OPTAX_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(cpu_kernel.KernelUnavailable, match=r"\$CXX"):
+        cpu_kernel._build()
+
+
+def test_compiler_errors_are_reported(monkeypatch, tmp_path):
+    compiler = tmp_path / "broken-c++"
+    compiler.write_text("#!/bin/sh\necho 'error: no such thing' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("SGLD_OPTAX_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(cpu_kernel.KernelUnavailable,
+                       match="(?s)compiling the native CPU kernel failed.*"
+                             "no such thing"):
+        cpu_kernel._build()
+    assert os.listdir(tmp_path / "cache") == []  # no half-written library
+
+
+def test_built_kernel_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("SGLD_OPTAX_CACHE", str(tmp_path))
+    path = cpu_kernel._build()
+    stamp = os.stat(path).st_mtime_ns
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler-needed"))
+    # A different compiler is a different cache entry...
+    with pytest.raises(cpu_kernel.KernelUnavailable):
+        cpu_kernel._build()
+    monkeypatch.delenv("CXX")
+    # ...and the same one finds the library it built.
+    assert cpu_kernel._build() == path
+    assert os.stat(path).st_mtime_ns == stamp
