@@ -179,11 +179,12 @@ class OursStep:
 
 
 def ours_step(mode: str, params_np, grads_np, device=None, inner: int = 1,
-              compiler_options: Optional[dict] = None) -> OursStep:
+              compiler_options: Optional[dict] = None,
+              native_cpu: bool = False) -> OursStep:
     """Builds our step; each ``call()`` takes ``inner`` steps, then waits.
 
     ``compiler_options`` go to the ``jax.jit`` of the step (for example
-    ``so.compiler_options()``).
+    ``so.compiler_options()``); ``native_cpu`` to ``so.sgld``.
     """
     import jax
     import jax.numpy as jnp
@@ -192,7 +193,8 @@ def ours_step(mode: str, params_np, grads_np, device=None, inner: int = 1,
 
     tx = so.sgld(LEARNING_RATE, nbeta=NBETA, localization=LOCALIZATION,
                  save_metrics=(mode == "metrics"),
-                 sketch_dim=(SKETCH_DIM if mode == "sketch" else None), key=0)
+                 sketch_dim=(SKETCH_DIM if mode == "sketch" else None), key=0,
+                 native_cpu=native_cpu)
     put = (lambda a: jax.device_put(a, device)) if device is not None else (
         jnp.asarray)
     params = {k: put(v) for k, v in params_np.items()}

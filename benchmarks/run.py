@@ -10,7 +10,8 @@ in turns (see ``bench_lib.interleaved``), reporting medians:
 1. the optimizer step alone, plain, with metrics and with count sketches
    (``sketch_dim=1024``), at each size (default 1M, 4M and 16M parameters);
    where ``so.compiler_options()`` sets anything on this machine, our steps
-   and the floor are also timed compiled with it;
+   and the floor are also timed compiled with it, and where the native CPU
+   kernel builds, our steps with ``native_cpu=True``;
 2. the memory the sampler keeps beyond the parameters, per parameter;
 3. LLC estimation end to end: ``so.estimate_llc`` against devinterp's
    ``SGLD`` in a plain PyTorch loop, cold (first call, compilation included)
@@ -92,6 +93,7 @@ def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0,
     # Our steps are also timed compiled with so.compiler_options(), where it
     # sets anything on this machine (512-bit vectors on AVX-512 CPUs).
     wide = so.compiler_options()
+    native = _native_kernel_builds()
     rows = []
     for n_req in sizes:
         params, grads = bl.make_arrays(n_req)
@@ -99,7 +101,7 @@ def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0,
         label = bl.size_label(n_req)
         repeats = repeats_for(n)
         row = {"label": label, "n": n, "requested": n_req, "modes": {},
-               "compiler_options": wide}
+               "compiler_options": wide, "native": native}
         for mode in bl.MODES:
             bl.log(f"[step] {label} ({n:,} params) {mode}: compiling and "
                    f"timing {repeats} calls of {inner} steps each")
@@ -112,9 +114,15 @@ def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0,
                 fns["ours_wide"] = bl.run_quietly(
                     bl.ours_step, mode, params, grads, inner=inner,
                     compiler_options=wide).call
+            if native:
+                fns["ours_native"] = bl.run_quietly(
+                    bl.ours_step, mode, params, grads, inner=inner,
+                    native_cpu=True).call
             t, busy = _timed(fns, repeats, warmup, wait, inner)
             row["modes"][mode] = {
                 "ours_wide_ms": bl.median_ms(t["ours_wide"]) if wide else None,
+                "ours_native_ms": (bl.median_ms(t["ours_native"]) if native
+                                   else None),
                 "busy": busy,
                 "ours_ms": bl.median_ms(t["ours"]),
                 "devinterp_ms": bl.median_ms(t["devinterp"]),
@@ -155,6 +163,17 @@ def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0,
         gc.collect()
         rows.append(row)
     return rows
+
+
+def _native_kernel_builds() -> bool:
+    """Whether ``so.sgld(..., native_cpu=True)`` can be built here."""
+    import sgld_optax as so
+    try:
+        so.sgld(bl.LEARNING_RATE, nbeta=bl.NBETA, native_cpu=True)
+    except RuntimeError as err:
+        bl.log(f"[native] the native CPU kernel is unavailable: {err}")
+        return False
+    return True
 
 
 def memory_fit():
@@ -468,6 +487,11 @@ def _why(key, r, memory, llc, prof):
         return (f"+{wide[mode] - wide['plain']:.3g} ms over the plain step "
                 f"({wide['plain']:.3g} ms) compiled the same way; the same "
                 "kernels as without the options, each faster")
+    if key in ("metrics native", "sketch native"):
+        mode = key.split()[0]
+        nat = {m: r["modes"][m]["ours_native_ms"] for m in bl.MODES}
+        return (f"{nat[mode]:.3g} ms vs {ms['plain']:.3g} ms for the plain "
+                f"step ({nat['plain']:.3g} ms with the kernel too)")
     if key == "floor wide":
         return (f"plain step {r['modes']['plain']['ours_wide_ms']:.3g} ms vs "
                 f"{r['floor_wide_ms']:.3g} ms without noise")
@@ -563,6 +587,13 @@ def targets(rows, memory, llc, prof):
         add(f"plain step at {lab} within 4x of the floor, {opts}",
             wide["plain"] / r["floor_wide_ms"], 4.0, "le", "floor wide",
             busy=(busy["plain"], r.get("floor_busy")))
+    if r.get("native"):
+        nat = {m: r["modes"][m]["ours_native_ms"] for m in bl.MODES}
+        for mode, limit in (("metrics", 1.25), ("sketch", 1.5)):
+            add(f"{mode} overhead at {lab}, native kernel: ours {mode} with "
+                f"`native_cpu=True` / ours plain (default) <= {limit}",
+                nat[mode] / plain, limit, "le", f"{mode} native",
+                busy=(busy["plain"], busy[mode]))
     for mode in bl.MODES:
         add(f"state memory, {mode}: <= 4 bytes/param + a constant",
             memory[mode]["ours"]["per_param"], 4.0, "le", "memory",
@@ -635,6 +666,14 @@ def render(results) -> str:
                    "floor* compare with our plain step and the fused update "
                    "compiled the same way.")
         out.append("")
+    native = any(r.get("native") for r in rows)
+    if native:
+        out.append("*Native*: our step built with `native_cpu=True` (one "
+                   "pass of the native CPU kernel per float32 leaf), timed "
+                   "in the same turns; its *vs plain* compares with our "
+                   "default plain step, *vs native plain* with the plain "
+                   "step built the same way.")
+        out.append("")
     table = []
     for r in rows:
         plain = r["modes"]["plain"]["ours_ms"]
@@ -652,6 +691,12 @@ def render(results) -> str:
                 line += (["n/a"] * 4 if w is None else [
                     f"{w:.2f}", f"{w / m['devinterp_ms']:.2f}",
                     f"{w / wp:.2f}", f"{w / r['floor_wide_ms']:.1f}"])
+            if native:
+                v, vp = m.get("ours_native_ms"), r["modes"]["plain"].get(
+                    "ours_native_ms")
+                line += (["n/a"] * 4 if v is None else [
+                    f"{v:.2f}", f"{v / m['devinterp_ms']:.2f}",
+                    f"{v / plain:.2f}", f"{v / vp:.2f}"])
             line += [f"{_gbps(16 * r['n'], m['ours_ms']):.1f}",
                      _pct(m.get("busy"))]
             table.append(line)
@@ -660,6 +705,9 @@ def render(results) -> str:
     if wide:
         header += ["options: ours ms", "ours / devinterp", "vs plain",
                    "vs floor"]
+    if native:
+        header += ["native: ours ms", "ours / devinterp", "vs plain",
+                   "vs native plain"]
     out.append(bl.md_table(header + ["ours GB/s", "busy"], table))
     out.append("")
     out.append("### The floor")
@@ -828,6 +876,11 @@ def plot(rows, path):
         ax.plot(ns, [r["modes"]["plain"]["ours_wide_ms"] for r in rows], "-.D",
                 color=colors["plain"], label="sgld_optax plain, "
                 "so.compiler_options()")
+    for mode in bl.MODES:
+        if all(r["modes"][mode].get("ours_native_ms") for r in rows):
+            ax.plot(ns, [r["modes"][mode]["ours_native_ms"] for r in rows],
+                    "-x", color=colors[mode],
+                    label=f"sgld_optax {mode}, native_cpu=True")
     ax.plot(ns, [r["floor_ms"] for r in rows], ":^", color="0.3",
             label="fused update, no noise")
     ax.plot(ns, [r["copy_ms"] for r in rows], ":v", color="0.6",

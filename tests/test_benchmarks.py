@@ -64,7 +64,15 @@ def test_quick_run_writes_page_plot_and_results(tmp_path):
     llc = results["llc"]
     if "skipped" not in llc:
         assert llc["ours_warm_s"] > 0 and llc["devinterp_warm_s"] > 0
-    assert len(results["targets"]) == (14 if wide else 11)
+    # Where the native CPU kernel builds, our steps are also timed with
+    # native_cpu=True, and two more targets are judged.
+    assert row["native"] is True
+    for mode in ("plain", "metrics", "sketch"):
+        assert row["modes"][mode]["ours_native_ms"] > 0
+    assert len(results["targets"]) == (14 if wide else 11) + 2
+    assert sum("native_cpu=True" in t["target"]
+               for t in results["targets"]) == 2
+    assert "native: ours ms" in page
     if wide:
         assert "so.compiler_options()" in page
     # A --out run leaves the docs alone.
