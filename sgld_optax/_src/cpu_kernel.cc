@@ -11,11 +11,12 @@
 // compile-time constants, so the two agree to float32 rounding, not bitwise.
 // Sums and sketches add the same terms in another order.
 //
-// The leaf is cut into at most kMaxRanges ranges of whole blocks, fixed by
-// its size alone; XLA's intra-op threads take ranges from a shared counter,
-// and each range accumulates into its own partial sums and sketch, which are
-// added in range order at the end: results do not depend on the number of
-// threads or on which thread ran which range.
+// One call takes all the float32 leaves of a step, laid end to end and cut
+// into at most kMaxRanges ranges fixed by their sizes alone; XLA's intra-op
+// threads take ranges from a shared counter, and each range accumulates into
+// its own partial sums and sketch, which are added in range order at the end:
+// results do not depend on the number of threads or on which thread ran
+// which range.
 
 #include <algorithm>
 #include <array>
@@ -227,15 +228,28 @@ struct Scalars {
   float grad, localization, weight_decay, noise, box;
 };
 
-struct Job {
-  int64_t n, flags, k, offset;
-  uint32_t key0, key1, salt1, salt2;
-  Scalars s;
+// One float32 leaf: its buffers, its place among the kernel's leaves
+// (start) and in the flattened params (offset, for the sketch's hash), and
+// its noise key.
+struct Leaf {
   const float *w, *g, *w0, *mask;
   float* u;
-  int64_t num_ranges, range_size, num_rows;
-  void (*update)(const Job&, int64_t, int, float*, float*, float*, float*);
-  // Per range: kNumSums partial sums, and k x num_rows sketch buckets.
+  int64_t n, start, offset;
+  uint32_t key0, key1;
+};
+
+struct Job;
+using UpdateFn = void (*)(const Job&, const Leaf&, int64_t, int, float*,
+                          float*, float*, float*);
+
+struct Job {
+  int64_t n, flags, k;
+  uint32_t salt1, salt2;
+  Scalars s;
+  std::vector<Leaf> leaves;
+  int64_t num_ranges, range_size;
+  UpdateFn update;
+  // Per range: kNumSums partial sums, and k x kNumRows sketch buckets.
   std::vector<double> sums;
   std::vector<float> sketch;
 };
@@ -244,17 +258,17 @@ struct Job {
 // the sums and the sketch read. One instance per combination of terms, so
 // that the loop has no branches and vectorises.
 template <bool kHasMask, bool kLoc, bool kWd, bool kHasBox, bool kHasW0>
-void UpdateBlock(const Job& job, int64_t begin, int len, float* __restrict eta,
-                 float* __restrict dist, float* __restrict gm,
-                 float* __restrict wm) {
+void UpdateBlock(const Job& job, const Leaf& leaf, int64_t begin, int len,
+                 float* __restrict eta, float* __restrict dist,
+                 float* __restrict gm, float* __restrict wm) {
   const Scalars s = job.s;
-  const uint32_t key0 = job.key0, key1 = job.key1;
+  const uint32_t key0 = leaf.key0, key1 = leaf.key1;
   const uint32_t first = static_cast<uint32_t>(begin);
-  const float* __restrict w = job.w + begin;
-  const float* __restrict g = job.g + begin;
-  const float* __restrict w0 = kHasW0 ? job.w0 + begin : job.w + begin;
-  const float* __restrict mask = kHasMask ? job.mask + begin : job.w + begin;
-  float* __restrict u = job.u + begin;
+  const float* __restrict w = leaf.w + begin;
+  const float* __restrict g = leaf.g + begin;
+  const float* __restrict w0 = kHasW0 ? leaf.w0 + begin : leaf.w + begin;
+  const float* __restrict mask = kHasMask ? leaf.mask + begin : leaf.w + begin;
+  float* __restrict u = leaf.u + begin;
 #pragma omp simd
   for (int j = 0; j < len; ++j) {
     uint32_t y0, y1;
@@ -295,9 +309,6 @@ void UpdateBlock(const Job& job, int64_t begin, int len, float* __restrict eta,
   }
 }
 
-using UpdateFn = void (*)(const Job&, int64_t, int, float*, float*, float*,
-                          float*);
-
 template <int kBits>
 constexpr UpdateFn UpdateFor() {
   return &UpdateBlock<(kBits & 1) != 0, (kBits & 2) != 0, (kBits & 4) != 0,
@@ -318,15 +329,14 @@ UpdateFn SelectUpdate(int64_t flags) {
   return kUpdates[bits];
 }
 
-// Block [begin, end) of the leaf: the update, and the range's sums and
-// sketch.
-void RunBlock(const Job& job, int64_t begin, int64_t end, double* sums,
-              float* sketch) {
+// Elements [begin, end) of a leaf (at most one block): the update, and the
+// range's sums and sketch.
+void RunBlock(const Job& job, const Leaf& leaf, int64_t begin, int64_t end,
+              double* sums, float* sketch) {
   const int64_t flags = job.flags;
   const int len = static_cast<int>(end - begin);
-  const bool wd = flags & kWeightDecay;
   alignas(64) float eta[kBlock], dist[kBlock], gm[kBlock], wm[kBlock];
-  job.update(job, begin, len, eta, dist, gm, wm);
+  job.update(job, leaf, begin, len, eta, dist, gm, wm);
   if (flags & kSums) {
     float gg = 0, dd = 0, ee = 0, ge = 0, gd = 0, dE = 0, ww = 0, gw = 0,
           we = 0;
@@ -348,7 +358,7 @@ void RunBlock(const Job& job, int64_t begin, int64_t end, double* sums,
   }
   if (flags & kSketch) {
     const uint32_t k = static_cast<uint32_t>(job.k);
-    const uint32_t first = static_cast<uint32_t>(job.offset + begin);
+    const uint32_t first = static_cast<uint32_t>(leaf.offset + begin);
     const uint32_t salt1 = job.salt1, salt2 = job.salt2;
     alignas(64) uint32_t bucket[kBlock], sign[kBlock];
     if ((k & (k - 1)) == 0) {
@@ -370,15 +380,24 @@ void RunBlock(const Job& job, int64_t begin, int64_t end, double* sums,
   }
 }
 
+// Range r of the kernel's leaves laid end to end.
 void RunRange(Job& job, int64_t r) {
   const int64_t begin = r * job.range_size;
   const int64_t end = std::min(job.n, begin + job.range_size);
   double* sums = job.sums.data() + r * kNumSums;
   float* sketch = (job.flags & kSketch)
-                      ? job.sketch.data() + r * job.num_rows * job.k
+                      ? job.sketch.data() + r * kNumRows * job.k
                       : nullptr;
-  for (int64_t b = begin; b < end; b += kBlock) {
-    RunBlock(job, b, std::min(end, b + kBlock), sums, sketch);
+  // The last leaf starting at or before `begin`.
+  auto it = std::upper_bound(
+      job.leaves.begin(), job.leaves.end(), begin,
+      [](int64_t x, const Leaf& leaf) { return x < leaf.start; });
+  for (--it; it != job.leaves.end() && it->start < end; ++it) {
+    const int64_t lo = std::max(begin, it->start) - it->start;
+    const int64_t hi = std::min(end, it->start + it->n) - it->start;
+    for (int64_t b = lo; b < hi; b += kBlock) {
+      RunBlock(job, *it, b, std::min(hi, b + kBlock), sums, sketch);
+    }
   }
 }
 
@@ -405,68 +424,85 @@ struct Work {
   }
 };
 
-ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
-                ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w0,
-                ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::U32> key,
-                ffi::Buffer<ffi::F32> scalars,
-                ffi::ResultBuffer<ffi::F32> u,
+ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys,
+                ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs leaf_args,
                 ffi::ResultBuffer<ffi::F32> sums,
-                ffi::ResultBuffer<ffi::F32> sketch, int64_t flags,
-                int64_t sketch_dim, int64_t offset, int64_t salt1,
+                ffi::ResultBuffer<ffi::F32> sketch,
+                ffi::RemainingRets updates, int64_t flags, int64_t sketch_dim,
+                ffi::Span<const int64_t> offsets, int64_t salt1,
                 int64_t salt2) {
-  const int64_t n = static_cast<int64_t>(w.element_count());
-  if (g.element_count() != w.element_count() ||
-      u->element_count() != w.element_count()) {
-    return ffi::Error::InvalidArgument("w, g and u must have one size");
+  const size_t num_leaves = offsets.size();
+  const size_t per_leaf =
+      2 + ((flags & kInitial) ? 1 : 0) + ((flags & kMask) ? 1 : 0);
+  if (leaf_args.size() != per_leaf * num_leaves ||
+      updates.size() != num_leaves) {
+    return ffi::Error::InvalidArgument(
+        "expected w, g[, w0][, mask] and an update per leaf");
   }
-  if ((flags & kInitial) && w0.element_count() != w.element_count()) {
-    return ffi::Error::InvalidArgument("w0 must have the size of w");
-  }
-  if ((flags & kMask) && mask.element_count() != w.element_count()) {
-    return ffi::Error::InvalidArgument("mask must have the size of w");
-  }
-  if (key.element_count() != 2 || scalars.element_count() != 5 ||
-      sums->element_count() != kNumSums) {
-    return ffi::Error::InvalidArgument("bad key, scalars or sums shape");
+  if (keys.element_count() != 2 * num_leaves ||
+      scalars.element_count() != 5 || sums->element_count() != kNumSums) {
+    return ffi::Error::InvalidArgument("bad keys, scalars or sums shape");
   }
   if ((flags & kSketch) &&
       (sketch_dim < 1 || sketch_dim > kMaxSketchDim ||
-       sketch->element_count() != static_cast<size_t>(kNumRows * sketch_dim))) {
+       sketch->element_count() !=
+           static_cast<size_t>(kNumRows * sketch_dim))) {
     return ffi::Error::InvalidArgument("bad sketch shape");
   }
 
   auto work = std::make_shared<Work>();
   Job& job = work->job;
-  job.n = n;
   job.flags = flags;
   job.k = sketch_dim;
-  job.offset = offset;
-  job.key0 = key.typed_data()[0];
-  job.key1 = key.typed_data()[1];
   job.salt1 = static_cast<uint32_t>(salt1);
   job.salt2 = static_cast<uint32_t>(salt2);
   const float* sc = scalars.typed_data();
   job.s = Scalars{sc[0], sc[1], sc[2], sc[3], sc[4]};
-  job.w = w.typed_data();
-  job.g = g.typed_data();
-  job.w0 = w0.typed_data();
-  job.mask = mask.typed_data();
-  job.u = u->typed_data();
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  job.n = 0;
+  for (size_t i = 0; i < num_leaves; ++i) {
+    size_t a = per_leaf * i;
+    auto w = leaf_args.get<ffi::Buffer<ffi::F32>>(a++);
+    auto g = leaf_args.get<ffi::Buffer<ffi::F32>>(a++);
+    auto u = updates.get<ffi::Buffer<ffi::F32>>(i);
+    if (!w.has_value() || !g.has_value() || !u.has_value()) {
+      return ffi::Error::InvalidArgument("leaf buffers must be float32");
+    }
+    Leaf leaf{};
+    leaf.n = static_cast<int64_t>(w->element_count());
+    if (g->element_count() != w->element_count() ||
+        (*u)->element_count() != w->element_count()) {
+      return ffi::Error::InvalidArgument("w, g and u must have one size");
+    }
+    leaf.w = w->typed_data();
+    leaf.g = g->typed_data();
+    leaf.u = (*u)->typed_data();
+    for (const int64_t bit : {kInitial, kMask}) {
+      if (!(flags & bit)) continue;
+      auto x = leaf_args.get<ffi::Buffer<ffi::F32>>(a++);
+      if (!x.has_value() || x->element_count() != w->element_count()) {
+        return ffi::Error::InvalidArgument(
+            "w0 and mask must be float32 of the size of w");
+      }
+      (bit == kInitial ? leaf.w0 : leaf.mask) = x->typed_data();
+    }
+    leaf.start = job.n;
+    leaf.offset = offsets[i];
+    leaf.key0 = keys.typed_data()[2 * i];
+    leaf.key1 = keys.typed_data()[2 * i + 1];
+    job.n += leaf.n;
+    if (leaf.n > 0) job.leaves.push_back(leaf);
+  }
   job.num_ranges = std::max<int64_t>(
-      1, std::min<int64_t>(kMaxRanges, (n + kMinRange - 1) / kMinRange));
-  job.range_size =
-      (blocks + job.num_ranges - 1) / job.num_ranges * kBlock;
-  job.num_ranges = std::max<int64_t>(1, (n + job.range_size - 1) /
-                                            std::max<int64_t>(1, job.range_size));
-  job.num_rows = kNumRows;
+      1, std::min<int64_t>(kMaxRanges, (job.n + kMinRange - 1) / kMinRange));
+  job.range_size = std::max<int64_t>(
+      1, (job.n + job.num_ranges - 1) / job.num_ranges);
   job.update = SelectUpdate(flags);
   job.sums.assign(job.num_ranges * kNumSums, 0.0);
   if (flags & kSketch) {
     job.sketch.assign(job.num_ranges * kNumRows * sketch_dim, 0.0f);
   }
 
-  if (n > 0) {
+  if (job.n > 0) {
     // The calling thread works too: with XLA's threads as many as the cores,
     // one fewer helper keeps every core busy without oversubscribing them.
     const int64_t helpers = std::min<int64_t>(
@@ -477,6 +513,8 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
     work->Drain();
     std::unique_lock<std::mutex> lock(work->mu);
     work->cv.wait(lock, [&] { return work->done == job.num_ranges; });
+  } else {
+    job.num_ranges = 0;
   }
 
   float* out = sums->typed_data();
@@ -504,17 +542,14 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SgldOptaxCpuStep, Step,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mask
-                                  .Arg<ffi::Buffer<ffi::U32>>()  // key
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // keys (L, 2)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scalars
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // u
+                                  .RemainingArgs()  // w, g[, w0][, mask] per leaf
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sums
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sketch
+                                  .RemainingRets()  // the update of each leaf
                                   .Attr<int64_t>("flags")
                                   .Attr<int64_t>("sketch_dim")
-                                  .Attr<int64_t>("offset")
+                                  .Attr<ffi::Span<const int64_t>>("offsets")
                                   .Attr<int64_t>("salt1")
                                   .Attr<int64_t>("salt2"));

@@ -154,41 +154,58 @@ def load() -> str:
     return path
 
 
-def leaf_step(w, g, w0, mask, key_words, scalars, *, flags: int,
-              sketch_dim: int = 0, offset: int = 0, salts=(0, 0)):
-    """One leaf's step by the kernel (call under ``platform_dependent(cpu=)``).
+def step(leaves, key_words, scalars, *, flags: int, sketch_dim: int = 0,
+         offsets=None, salts=(0, 0)):
+    """One step of float32 leaves by the kernel, in one call.
+
+    Call it under ``lax.platform_dependent(cpu=...)``: the kernel is
+    registered for CPU only.
 
     Args:
-      w, g: float32 arrays of one shape: the params and the gradient.
-      w0: float32 initial params (with the ``INITIAL`` flag), or ``None``.
-      mask: float32 0/1 array (with the ``MASK`` flag), or ``None``.
-      key_words: the two uint32 words of the leaf's Threefry key.
+      leaves: a list of ``(w, g, w0, mask)`` per leaf: float32 params and
+        gradient of one shape, the initial params (with the ``INITIAL``
+        flag, else ``None``) and the float32 0/1 mask (with the ``MASK``
+        flag, else ``None``).
+      key_words: a list of the two uint32 words of each leaf's Threefry key.
       scalars: float32 scalars ``(a_g, a_loc, a_wd, a_noise, box)``: the
         factors of the gradient, displacement, weight and noise in the
         update (0 for an absent term) and the bounding box's half-width.
       flags: OR of the flag constants of this module.
       sketch_dim: :math:`k`, with the ``SKETCH`` flag.
-      offset: index of the leaf's first element in the flattened params.
+      offsets: index of each leaf's first element in the flattened params
+        (the count sketch hashes these indices).
       salts: the two uint32 salts of the count sketch's hash.
 
     Returns:
-      ``(updates, sums, sketch)``: the float32 updates shaped like ``w``, the
-      float32 ``(9,)`` sums in ``SUM_PAIRS`` order, and the float32
-      ``(sketch_dim, 4)`` count sketches of the vectors in
-      ``SKETCH_COLUMNS`` order (``(0, 4)`` without the ``SKETCH`` flag).
+      ``(updates, sums, sketch)``: a list of float32 updates shaped like
+      each ``w``, the float32 ``(9,)`` sums over all leaves in
+      ``SUM_PAIRS`` order, and the float32 ``(sketch_dim, 4)`` count
+      sketches of the vectors in ``SKETCH_COLUMNS`` order (``(0, 4)``
+      without the ``SKETCH`` flag).
     """
-    empty = jnp.zeros((0,), jnp.float32)
-    key = jnp.stack([jnp.asarray(k, jnp.uint32) for k in key_words])
-    scalars = jnp.stack([jnp.asarray(s, jnp.float32) for s in scalars])
+    args = []
+    for w, g, w0, mask in leaves:
+        args += [w, g]
+        if flags & INITIAL:
+            args.append(w0)
+        if flags & MASK:
+            args.append(mask)
+    keys = jnp.stack([jnp.stack([jnp.asarray(a, jnp.uint32),
+                                 jnp.asarray(b, jnp.uint32)])
+                      for a, b in key_words])
+    scalars = jnp.stack([jnp.asarray(x, jnp.float32) for x in scalars])
     width = sketch_dim if flags & SKETCH else 0
+    offsets = np.zeros(len(leaves), np.int64) if offsets is None else (
+        np.asarray(offsets, np.int64))
     call = jax.ffi.ffi_call(
         _TARGET,
-        (jax.ShapeDtypeStruct(w.shape, jnp.float32),
-         jax.ShapeDtypeStruct((len(SUM_PAIRS),), jnp.float32),
-         jax.ShapeDtypeStruct((width, len(SKETCH_COLUMNS)), jnp.float32)),
+        (jax.ShapeDtypeStruct((len(SUM_PAIRS),), jnp.float32),
+         jax.ShapeDtypeStruct((width, len(SKETCH_COLUMNS)), jnp.float32),
+         *(jax.ShapeDtypeStruct(w.shape, jnp.float32)
+           for w, _, _, _ in leaves)),
         vmap_method="sequential")
-    return call(w, g, empty if w0 is None else w0,
-                empty if mask is None else mask, key, scalars,
-                flags=np.int64(flags), sketch_dim=np.int64(sketch_dim),
-                offset=np.int64(offset), salt1=np.int64(salts[0]),
-                salt2=np.int64(salts[1]))
+    sums, sketch, *updates = call(
+        keys, scalars, *args, flags=np.int64(flags),
+        sketch_dim=np.int64(sketch_dim), offsets=offsets,
+        salt1=np.int64(salts[0]), salt2=np.int64(salts[1]))
+    return updates, sums, sketch

@@ -373,18 +373,19 @@ def sgld(
             vecs = tuple(None if v is None else v * mm for v in vecs)
         return vecs
 
-    def native_leaf(p, g, m, w0, words, lr, nb, cs, offset):
-        """One float32 leaf's step by the CPU kernel.
+    def native_leaves(items, lr, nb, cs):
+        """The CPU kernel's step of the float32 leaves ``items``.
 
-        Returns the updates, the kernel's nine sums of products, its signed
-        sketch buckets and whether it sketched the leaf (it does not take
-        sketches with tables or of more than ``MAX_SKETCH_DIM`` dimensions).
+        ``items`` holds ``(p, g, m, w0, words, offset)`` per leaf. Returns
+        their updates, the kernel's nine sums of products, its sketch
+        columns and whether it sketched (it does not take sketches with
+        tables or of more than ``MAX_SKETCH_DIM`` dimensions).
         """
-        flags = ((cpu_kernel.INITIAL if w0 is not None else 0)
+        flags = ((cpu_kernel.INITIAL if keep_initial else 0)
                  | (cpu_kernel.LOCALIZATION if use_loc else 0)
                  | (cpu_kernel.WEIGHT_DECAY if use_wd else 0)
                  | (cpu_kernel.BOX if use_box else 0)
-                 | (cpu_kernel.MASK if m is not None else 0)
+                 | (cpu_kernel.MASK if mask is not None else 0)
                  | (cpu_kernel.SUMS if save_metrics else 0))
         sketch_dim, salts = 0, (0, 0)
         if (sketching and cs.hash_indices is None
@@ -396,46 +397,57 @@ def sgld(
                         for a in scales_of(lr, nb))
         scalars += (jnp.asarray(bounding_box_size, jnp.float32)
                     if use_box else zero,)
-        u, sums, buckets = cpu_kernel.leaf_step(
-            p, jnp.zeros_like(p) if g is None else g.astype(jnp.float32),
-            w0, None if m is None else jnp.asarray(m).astype(jnp.float32),
-            words, scalars, flags=flags, sketch_dim=sketch_dim,
-            offset=offset, salts=salts)
-        return u, sums, buckets, bool(flags & cpu_kernel.SKETCH)
+        leaves = [(p, jnp.zeros_like(p) if g is None
+                   else g.astype(jnp.float32), w0,
+                   None if m is None else jnp.asarray(m).astype(jnp.float32))
+                  for p, g, m, w0, _, _ in items]
+        updates, sums, columns = cpu_kernel.step(
+            leaves, [words for *_, words, _ in items], scalars, flags=flags,
+            sketch_dim=sketch_dim, offsets=[off for *_, off in items],
+            salts=salts)
+        return updates, sums, columns, bool(flags & cpu_kernel.SKETCH)
 
     def step_leaves(p_leaves, g_leaves, m_leaves, w0_leaves, leaf_keys, lr,
                     nb, *, native):
         """Updates, metrics and sketch of one step (``None`` where not kept).
 
-        With ``native``, float32 leaves go through the one-pass CPU kernel
-        of ``cpu_kernel.py`` (bitwise the same updates) and other leaves
+        With ``native``, the float32 leaves go through the one-pass CPU
+        kernel of ``cpu_kernel.py``, in one call, and the other leaves
         through the XLA code below.
         """
         scales = scales_of(lr, nb)
         total = sum(int(np.size(p)) for p in p_leaves)
         cs = get_sketch(total) if sketching else None
         pairs = metrics_lib.needed_pairs(scales)
-        sums = {pair: jnp.zeros((), jnp.float32) for pair in pairs}
         k = cs.output_dim if sketching else 0
         sketches = {j: jnp.zeros((k,), jnp.float32)
                     for j, a in enumerate(scales) if a is not None}
-        out, bases, offset = [], [], 0
-        for i, (p, g, m, w0) in enumerate(zip(p_leaves, g_leaves, m_leaves,
-                                               w0_leaves)):
-            size = int(np.size(p))
+        offsets = np.cumsum([0] + [int(np.size(p)) for p in p_leaves])
+        kernel = {}  # leaf index -> (p, g, m, w0, key words, offset)
+        for i, p in enumerate(p_leaves):
             words = noise_lib.key_words(leaf_keys[i])
             if (native and jnp.dtype(p.dtype) == jnp.float32
-                    and words is not None and size < 2**32
+                    and words is not None and np.size(p) < 2**32
                     and not _sharded_explicitly(p)):
-                u, leaf_sums, leaf_sketch, sketched = native_leaf(
-                    p, g, m, w0, words, lr, nb, cs, offset)
-                for pair, value in zip(cpu_kernel.SUM_PAIRS, leaf_sums):
-                    if pair in sums:
-                        sums[pair] = sums[pair] + value
-                if sketched:
-                    for j in sketches:
-                        sketches[j] = sketches[j] + leaf_sketch[:, j]
-                vecs = None
+                kernel[i] = (p, g_leaves[i], m_leaves[i], w0_leaves[i],
+                             words, int(offsets[i]))
+        sums = {pair: jnp.zeros((), jnp.float32) for pair in pairs}
+        sketched = False
+        if kernel:
+            updates, kernel_sums, columns, sketched = native_leaves(
+                list(kernel.values()), lr, nb, cs)
+            kernel_out = dict(zip(kernel, updates))
+            sums = {pair: kernel_sums[cpu_kernel.SUM_PAIRS.index(pair)]
+                    for pair in pairs}
+            if sketched:
+                sketches = {j: columns[:, j] for j in sketches}
+
+        out, bases = [], []
+        for i, (p, g, m, w0) in enumerate(zip(p_leaves, g_leaves, m_leaves,
+                                               w0_leaves)):
+            vecs = None
+            if i in kernel:
+                u = kernel_out[i]
                 if sketching and not sketched:
                     vecs = base_vectors(p, g, m, w0, leaf_keys[i])
             else:
@@ -445,10 +457,9 @@ def sgld(
             if native and sketching and vecs is not None:
                 # Leaves the kernel did not sketch, one scatter per vector.
                 for j in sketches:
-                    sketches[j] = cs.scatter(sketches[j],
-                                             vecs[j].reshape(-1), offset)
+                    sketches[j] = cs.scatter(sketches[j], vecs[j].reshape(-1),
+                                             int(offsets[i]))
             out.append(u)
-            offset += size
 
         new_metrics = new_sketch = None
         if native:
