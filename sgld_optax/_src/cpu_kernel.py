@@ -3,15 +3,17 @@ r"""A native CPU kernel for the SGLD step: update, metrics and sketch in one pas
 XLA's CPU backend compiles the sampler's step as several loops: the update
 (with its noise), one library reduction per sum of products behind the
 metrics, and one scatter per vector sketched, each reading its inputs from
-memory again. ``cpu_kernel.cc`` does the whole step of a float32 leaf in one
-pass over blocks of 1024 elements that stay in the L1 cache: Threefry-2x32
-and the Box-Muller transform of ``noise.py``, the update of ``sgld.py``, the
-nine sums of products of the masked base vectors (gradient :math:`g`,
-displacement :math:`w - w_0`, weight :math:`w`, noise :math:`\eta`) and the
-scatter of each into the :math:`2k` signed buckets of the count sketch. It
-runs on XLA's own intra-op threads, over at most 16 ranges of the leaf fixed
-by its size, whose partial results are added in order, so its results do not
-depend on the number of threads.
+memory again. ``cpu_kernel.cc`` does the whole step of the float32 leaves
+in one call, in one pass over blocks of 1024 elements that stay in the L1
+cache: Threefry-2x32 and the Box-Muller transform of ``noise.py``, the update
+of ``sgld.py``, the nine sums of products of the masked base vectors
+(gradient :math:`g`, displacement :math:`w - w_0`, weight :math:`w`, noise
+:math:`\eta`) and their count sketches, :math:`(S v)_j = \sum_{h(i) = j}
+s(i) v_i` with the hash of ``sketch.py``, all four vectors added into a
+bucket with one 16-byte addition. It runs on XLA's own intra-op threads,
+over at most 16 ranges of the leaves laid end to end, fixed by their sizes,
+whose partial results are added in order, so its results do not depend on
+the number of threads.
 
 The noise is bitwise equal to the XLA program's: the kernel performs the
 same float32 operations in the same order and forms a multiply-add exactly
