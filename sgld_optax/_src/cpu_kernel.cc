@@ -38,6 +38,10 @@
 
 namespace ffi = xla::ffi;
 
+// The per-element functions must be inlined into the loops for them to
+// vectorise, however many instances of the loops there are.
+#define SGLD_INLINE inline __attribute__((always_inline))
+
 namespace {
 
 constexpr int64_t kBlock = 1024;      // elements per block (stays in L1)
@@ -64,12 +68,14 @@ enum { kGG, kDD, kEE, kGE, kGD, kDE, kWW, kGW, kWE, kNumSums };
 constexpr int64_t kNumRows = 4;
 typedef float Quad __attribute__((vector_size(16)));
 
-inline uint32_t Rotl(uint32_t x, int d) { return (x << d) | (x >> (32 - d)); }
+SGLD_INLINE uint32_t Rotl(uint32_t x, int d) {
+  return (x << d) | (x >> (32 - d));
+}
 
 #define SGLD_ROUND(r) x0 += x1; x1 = Rotl(x1, r); x1 ^= x0;
 
 // Threefry-2x32 with 20 rounds on the counter (0, i).
-inline void Threefry(uint32_t k0, uint32_t k1, uint32_t i, uint32_t& y0,
+SGLD_INLINE void Threefry(uint32_t k0, uint32_t k1, uint32_t i, uint32_t& y0,
                      uint32_t& y1) {
   const uint32_t k2 = k0 ^ k1 ^ 0x1BD11BDAu;
   uint32_t x0 = k0, x1 = i + k1;
@@ -89,13 +95,13 @@ inline void Threefry(uint32_t k0, uint32_t k1, uint32_t i, uint32_t& y0,
 
 #undef SGLD_ROUND
 
-inline float BitsToFloat(uint32_t u) {
+SGLD_INLINE float BitsToFloat(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
 
-inline uint32_t FloatToBits(float f) {
+SGLD_INLINE uint32_t FloatToBits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return u;
@@ -103,7 +109,7 @@ inline uint32_t FloatToBits(float f) {
 
 // a * b + c with one rounding where the target has fused multiply-adds
 // (where LLVM, which generates XLA's CPU code, contracts them), two elsewhere.
-inline float Madd(float a, float b, float c) {
+SGLD_INLINE float Madd(float a, float b, float c) {
 #if defined(__FP_FAST_FMAF)
   return std::fma(a, b, c);
 #else
@@ -112,7 +118,7 @@ inline float Madd(float a, float b, float c) {
 }
 
 // The Box-Muller draw of noise.normal_from_words.
-inline float Normal(uint32_t y0, uint32_t y1) {
+SGLD_INLINE float Normal(uint32_t y0, uint32_t y1) {
   const uint32_t x = y0 | 1u;
   const uint32_t zeros = static_cast<uint32_t>(__builtin_clz(x));
   const uint32_t mantissa = ((x << zeros) >> 8) & 0x7FFFFFu;
@@ -142,7 +148,7 @@ inline float Normal(uint32_t y0, uint32_t y1) {
   return BitsToFloat(FloatToBits(radius * c) ^ (y1 & 0x80000000u));
 }
 
-inline uint32_t Fmix32(uint32_t x) {
+SGLD_INLINE uint32_t Fmix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x85EBCA6Bu;
   x ^= x >> 13;
@@ -254,10 +260,11 @@ struct Job {
   std::vector<float> sketch;
 };
 
-// The update of elements [0, len) of a block, and the masked base vectors
-// the sums and the sketch read. One instance per combination of terms, so
-// that the loop has no branches and vectorises.
-template <bool kHasMask, bool kLoc, bool kWd, bool kHasBox, bool kHasW0>
+// The update of elements [0, len) of a block, and (with kBases) the masked
+// base vectors the sums and the sketch read. One instance per combination of
+// terms, so that the loop has no branches and vectorises.
+template <bool kHasMask, bool kLoc, bool kWd, bool kHasBox, bool kHasW0,
+          bool kBases>
 void UpdateBlock(const Job& job, const Leaf& leaf, int64_t begin, int len,
                  float* __restrict eta, float* __restrict dist,
                  float* __restrict gm, float* __restrict wm) {
@@ -302,17 +309,20 @@ void UpdateBlock(const Job& job, const Leaf& leaf, int64_t begin, int len,
       uj = std::min(std::max(wj + uj, lo), hi) - wj;
     }
     u[j] = uj;
-    eta[j] = kHasMask ? e * mj : e;
-    dist[j] = kHasMask ? d * mj : d;
-    gm[j] = kHasMask ? gj * mj : gj;
-    wm[j] = kHasMask ? wj * mj : wj;
+    if (kBases) {
+      eta[j] = kHasMask ? e * mj : e;
+      dist[j] = kHasMask ? d * mj : d;
+      gm[j] = kHasMask ? gj * mj : gj;
+      wm[j] = kHasMask ? wj * mj : wj;
+    }
   }
 }
 
 template <int kBits>
 constexpr UpdateFn UpdateFor() {
   return &UpdateBlock<(kBits & 1) != 0, (kBits & 2) != 0, (kBits & 4) != 0,
-                      (kBits & 8) != 0, (kBits & 16) != 0>;
+                      (kBits & 8) != 0, (kBits & 16) != 0,
+                      (kBits & 32) != 0>;
 }
 
 template <int... kBits>
@@ -320,12 +330,13 @@ constexpr auto MakeTable(std::integer_sequence<int, kBits...>) {
   return std::array<UpdateFn, sizeof...(kBits)>{UpdateFor<kBits>()...};
 }
 
-constexpr auto kUpdates = MakeTable(std::make_integer_sequence<int, 32>());
+constexpr auto kUpdates = MakeTable(std::make_integer_sequence<int, 64>());
 
 UpdateFn SelectUpdate(int64_t flags) {
   const int bits = ((flags & kMask) ? 1 : 0) | ((flags & kLocalization) ? 2 : 0) |
                    ((flags & kWeightDecay) ? 4 : 0) | ((flags & kBox) ? 8 : 0) |
-                   ((flags & kInitial) ? 16 : 0);
+                   ((flags & kInitial) ? 16 : 0) |
+                   ((flags & (kSums | kSketch)) ? 32 : 0);
   return kUpdates[bits];
 }
 
