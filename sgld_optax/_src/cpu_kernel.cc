@@ -12,7 +12,7 @@
 // Sums and sketches add the same terms in another order.
 //
 // One call takes all the float32 leaves of a step, laid end to end and cut
-// into at most kMaxRanges ranges fixed by their sizes alone; XLA's intra-op
+// into at most kMaxRanges ranges fixed by their sizes (and the sketch's); XLA's intra-op
 // threads take ranges from a shared counter, and each range accumulates into
 // its own partial sums and sketch, which are added in range order at the end:
 // results do not depend on the number of threads or on which thread ran
@@ -46,7 +46,10 @@ namespace {
 
 constexpr int64_t kBlock = 1024;      // elements per block (stays in L1)
 constexpr int64_t kMinRange = 32768;  // elements per range, at least
-constexpr int64_t kMaxRanges = 16;
+constexpr int64_t kMaxRanges = 64;
+constexpr int64_t kMinRanges = 16;  // the most when the sketch is large
+// Bytes of per-range sketch buckets above which fewer ranges are used.
+constexpr int64_t kSketchBudget = int64_t{4} << 20;
 constexpr int64_t kMaxSketchDim = int64_t{1} << 16;
 
 // Bits of the flags attribute.
@@ -257,8 +260,18 @@ struct Job {
   UpdateFn update;
   // Per range: kNumSums partial sums, and k x kNumRows sketch buckets.
   std::vector<double> sums;
-  std::vector<float> sketch;
+  float* sketch = nullptr;  // num_ranges x k x kNumRows
 };
+
+// Scratch for the ranges' sketches, kept by each thread that runs the
+// handler from one call to the next: allocating it afresh would map new
+// pages, and fault them in, at every step.
+float* SketchScratch(size_t count) {
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < count) scratch.resize(count);
+  std::fill_n(scratch.data(), count, 0.0f);
+  return scratch.data();
+}
 
 // The update of elements [0, len) of a block, and (with kBases) the masked
 // base vectors the sums and the sketch read. One instance per combination of
@@ -397,7 +410,7 @@ void RunRange(Job& job, int64_t r) {
   const int64_t end = std::min(job.n, begin + job.range_size);
   double* sums = job.sums.data() + r * kNumSums;
   float* sketch = (job.flags & kSketch)
-                      ? job.sketch.data() + r * kNumRows * job.k
+                      ? job.sketch + r * kNumRows * job.k
                       : nullptr;
   // The last leaf starting at or before `begin`.
   auto it = std::upper_bound(
@@ -503,14 +516,21 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys,
     job.n += leaf.n;
     if (leaf.n > 0) job.leaves.push_back(leaf);
   }
+  // Many small ranges balance the threads' work best; each range keeps its
+  // own sketch, so a large sketch gets fewer of them.
+  int64_t max_ranges = kMaxRanges;
+  if (flags & kSketch) {
+    max_ranges = std::clamp<int64_t>(
+        kSketchBudget / (kNumRows * 4 * sketch_dim), kMinRanges, kMaxRanges);
+  }
   job.num_ranges = std::max<int64_t>(
-      1, std::min<int64_t>(kMaxRanges, (job.n + kMinRange - 1) / kMinRange));
+      1, std::min<int64_t>(max_ranges, (job.n + kMinRange - 1) / kMinRange));
   job.range_size = std::max<int64_t>(
       1, (job.n + job.num_ranges - 1) / job.num_ranges);
   job.update = SelectUpdate(flags);
   job.sums.assign(job.num_ranges * kNumSums, 0.0);
   if (flags & kSketch) {
-    job.sketch.assign(job.num_ranges * kNumRows * sketch_dim, 0.0f);
+    job.sketch = SketchScratch(job.num_ranges * kNumRows * sketch_dim);
   }
 
   if (job.n > 0) {
@@ -541,7 +561,7 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys,
     const int64_t size = kNumRows * sketch_dim;
     std::memset(out_sketch, 0, size * sizeof(float));
     for (int64_t r = 0; r < job.num_ranges; ++r) {
-      const float* part = job.sketch.data() + r * size;
+      const float* part = job.sketch + r * size;
       for (int64_t i = 0; i < size; ++i) out_sketch[i] += part[i];
     }
   }

@@ -11,9 +11,9 @@ of ``sgld.py``, the nine sums of products of the masked base vectors
 :math:`\eta`) and their count sketches, :math:`(S v)_j = \sum_{h(i) = j}
 s(i) v_i` with the hash of ``sketch.py``, all four vectors added into a
 bucket with one 16-byte addition. It runs on XLA's own intra-op threads,
-over at most 16 ranges of the leaves laid end to end, fixed by their sizes,
-whose partial results are added in order, so its results do not depend on
-the number of threads.
+over at most 64 ranges of the leaves laid end to end, fixed by their sizes
+and the sketch's, whose partial results are added in order, so its results
+do not depend on the number of threads.
 
 The noise is bitwise equal to the XLA program's: the kernel performs the
 same float32 operations in the same order and forms a multiply-add exactly
@@ -64,8 +64,8 @@ SUM_PAIRS = (("g", "g"), ("d", "d"), ("e", "e"), ("g", "e"), ("g", "d"),
              ("d", "e"), ("w", "w"), ("g", "w"), ("w", "e"))
 # Columns of its sketch output.
 SKETCH_COLUMNS = ("g", "d", "w", "e")
-# Largest sketch dimension the kernel takes: each of its (at most 16) ranges
-# keeps 4 x k float32 buckets.
+# Largest sketch dimension the kernel takes: each of its ranges (16 for such
+# a sketch) keeps 4 x k float32 buckets.
 MAX_SKETCH_DIM = 1 << 16
 
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
