@@ -620,6 +620,15 @@ def _gbps(nbytes, ms):
     return nbytes / (ms * 1e-3) / 1e9
 
 
+def _variant_cells(ms, devinterp_ms, *ratios):
+    """Table cells of one timed variant of our step: its time, its ratio to
+    devinterp's and to each ``(denominator, format)`` of ``ratios``."""
+    if ms is None:
+        return ["n/a"] * (2 + len(ratios))
+    return ([f"{ms:.2f}", f"{ms / devinterp_ms:.2f}"]
+            + [format(ms / d, fmt) for d, fmt in ratios])
+
+
 def render(results) -> str:
     env, rows, memory = results["env"], results["steps"], results["memory"]
     prof, llc, tg = results["profile"], results["llc"], results["targets"]
@@ -686,17 +695,15 @@ def render(results) -> str:
                 f"{m['ours_ms'] / plain:.2f}",
                 f"{m['ours_ms'] / r['floor_ms']:.1f}"]
             if wide:
-                w, wp = m.get("ours_wide_ms"), r["modes"]["plain"].get(
-                    "ours_wide_ms")
-                line += (["n/a"] * 4 if w is None else [
-                    f"{w:.2f}", f"{w / m['devinterp_ms']:.2f}",
-                    f"{w / wp:.2f}", f"{w / r['floor_wide_ms']:.1f}"])
+                line += _variant_cells(
+                    m.get("ours_wide_ms"), m["devinterp_ms"],
+                    (r["modes"]["plain"].get("ours_wide_ms"), ".2f"),
+                    (r["floor_wide_ms"], ".1f"))
             if native:
-                v, vp = m.get("ours_native_ms"), r["modes"]["plain"].get(
-                    "ours_native_ms")
-                line += (["n/a"] * 4 if v is None else [
-                    f"{v:.2f}", f"{v / m['devinterp_ms']:.2f}",
-                    f"{v / plain:.2f}", f"{v / vp:.2f}"])
+                line += _variant_cells(
+                    m.get("ours_native_ms"), m["devinterp_ms"],
+                    (plain, ".2f"),
+                    (r["modes"]["plain"].get("ours_native_ms"), ".2f"))
             line += [f"{_gbps(16 * r['n'], m['ours_ms']):.1f}",
                      _pct(m.get("busy"))]
             table.append(line)
