@@ -322,7 +322,7 @@ def test_native_with_traced_hyperparameters():
 
 
 def test_native_cpu_must_be_a_bool():
-    with pytest.raises(TypeError, match="native_cpu"):
+    with pytest.raises(TypeError, match="native_cpu must be a bool"):
         so.sgld(LR, nbeta=NBETA, native_cpu="yes")
 
 

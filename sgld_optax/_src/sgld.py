@@ -202,9 +202,9 @@ def sgld(
         ``optax.multi_transform``) and each chain its own key.
       native_cpu: on CPU, take each float32 leaf's step (update, metric
         sums, count sketch) in one pass of a native kernel instead of
-        XLA's several loops, for faster steps with metrics or sketches.
-        The noise is bitwise the same; updates, metrics and sketches agree
-        with XLA's to float32 rounding. The kernel is compiled with the
+        XLA's several loops, for faster steps with metrics or sketches
+        (plain steps gain nothing). The noise is bitwise the same; updates,
+        metrics and sketches agree with XLA's to float32 rounding. The kernel is compiled with the
         system's C++ compiler when the transformation is built (a few
         seconds, once: the library is cached). Other platforms, other
         dtypes, ``rbg`` keys, leaves split over an explicit mesh axis and
