@@ -8,7 +8,6 @@ step; its noise against the XLA step's, bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil

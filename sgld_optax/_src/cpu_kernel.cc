@@ -1,4 +1,4 @@
-// One pass over a float32 leaf for the SGLD step on CPU: the update, the
+// One pass over the float32 leaves of an SGLD step on CPU: the update, the
 // sums of products behind the metrics, and the count sketch.
 //
 // sgld_optax/_src/cpu_kernel.py compiles this file with the system C++
@@ -12,11 +12,11 @@
 // Sums and sketches add the same terms in another order.
 //
 // One call takes all the float32 leaves of a step, laid end to end and cut
-// into at most kMaxRanges ranges fixed by their sizes (and the sketch's); XLA's intra-op
-// threads take ranges from a shared counter, and each range accumulates into
-// its own partial sums and sketch, which are added in range order at the end:
-// results do not depend on the number of threads or on which thread ran
-// which range.
+// into at most kMaxRanges ranges fixed by their sizes (and the sketch's);
+// XLA's intra-op threads take ranges from a shared counter, and each range
+// accumulates into its own partial sums and sketch, which are added in range
+// order at the end: results do not depend on the number of threads or on
+// which thread ran which range.
 
 #include <algorithm>
 #include <array>
@@ -159,9 +159,6 @@ SGLD_INLINE uint32_t Fmix32(uint32_t x) {
   return x ^ (x >> 16);
 }
 
-// The components of the update are these times the base vectors:
-// a_g = lr nbeta / 2, a_loc = lr gamma / 2, a_wd = lr lambda / 2 and
-// a_noise = sqrt(lr) sigma; box is the half-width of the bounding box.
 // x / k for x < 2^31 and 0 < k <= 2^16 by a multiplication and a shift
 // (Granlund & Montgomery, 1994), which vectorises, unlike integer division:
 // with s = 31 + ceil(log2 k) and m = ceil(2^s / k) < 2^32, the quotient is
@@ -213,10 +210,14 @@ inline void Scatter(Quad* __restrict acc, const uint32_t* __restrict bucket,
   for (; j + 4 <= len; j += 4) {
     const __m128 va = _mm_loadu_ps(a + j), vb = _mm_loadu_ps(b + j);
     const __m128 vc = _mm_loadu_ps(c + j), ve = _mm_loadu_ps(e + j);
-    const __m128 ab_lo = _mm_unpacklo_ps(va, vb), ce_lo = _mm_unpacklo_ps(vc, ve);
-    const __m128 ab_hi = _mm_unpackhi_ps(va, vb), ce_hi = _mm_unpackhi_ps(vc, ve);
-    const __m128 q0 = _mm_movelh_ps(ab_lo, ce_lo), q1 = _mm_movehl_ps(ce_lo, ab_lo);
-    const __m128 q2 = _mm_movelh_ps(ab_hi, ce_hi), q3 = _mm_movehl_ps(ce_hi, ab_hi);
+    const __m128 ab_lo = _mm_unpacklo_ps(va, vb);
+    const __m128 ce_lo = _mm_unpacklo_ps(vc, ve);
+    const __m128 ab_hi = _mm_unpackhi_ps(va, vb);
+    const __m128 ce_hi = _mm_unpackhi_ps(vc, ve);
+    const __m128 q0 = _mm_movelh_ps(ab_lo, ce_lo);
+    const __m128 q1 = _mm_movehl_ps(ce_lo, ab_lo);
+    const __m128 q2 = _mm_movelh_ps(ab_hi, ce_hi);
+    const __m128 q3 = _mm_movehl_ps(ce_hi, ab_hi);
     float* p0 = reinterpret_cast<float*>(acc + bucket[j]);
     _mm_store_ps(p0, _mm_add_ps(_mm_load_ps(p0), q0));
     float* p1 = reinterpret_cast<float*>(acc + bucket[j + 1]);
@@ -233,6 +234,9 @@ inline void Scatter(Quad* __restrict acc, const uint32_t* __restrict bucket,
   }
 }
 
+// The components of the update are these times the base vectors:
+// a_g = lr nbeta / 2, a_loc = lr gamma / 2, a_wd = lr lambda / 2 and
+// a_noise = sqrt(lr) sigma; box is the half-width of the bounding box.
 struct Scalars {
   float grad, localization, weight_decay, noise, box;
 };
@@ -346,7 +350,8 @@ constexpr auto MakeTable(std::integer_sequence<int, kBits...>) {
 constexpr auto kUpdates = MakeTable(std::make_integer_sequence<int, 64>());
 
 UpdateFn SelectUpdate(int64_t flags) {
-  const int bits = ((flags & kMask) ? 1 : 0) | ((flags & kLocalization) ? 2 : 0) |
+  const int bits = ((flags & kMask) ? 1 : 0) |
+                   ((flags & kLocalization) ? 2 : 0) |
                    ((flags & kWeightDecay) ? 4 : 0) | ((flags & kBox) ? 8 : 0) |
                    ((flags & kInitial) ? 16 : 0) |
                    ((flags & (kSums | kSketch)) ? 32 : 0);
@@ -575,7 +580,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SgldOptaxCpuStep, Step,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::U32>>()  // keys (L, 2)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scalars
-                                  .RemainingArgs()  // w, g[, w0][, mask] per leaf
+                                  // w, g[, w0][, mask] of each leaf
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sums
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sketch
                                   .RemainingRets()  // the update of each leaf

@@ -41,11 +41,8 @@ import functools
 import hashlib
 import os
 import shlex
-import shutil
 import subprocess
-import sys
 import tempfile
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
