@@ -357,21 +357,17 @@ def sgld(
         if save_metrics or sketching:
             # Metrics and sketches are linear in the unscaled, masked
             # vectors, so they read these rather than the components.
-            vecs = (g, dist, w if use_wd else None, eta)
-            if m is not None:
-                vecs = tuple(None if v is None else v * mm for v in vecs)
+            vecs = _masked((g, dist, w if use_wd else None, eta),
+                           mm if m is not None else None)
         return u.astype(p.dtype), vecs
 
     def base_vectors(p, g, m, w0, leaf_key):
         """The masked (grad, displacement, weight, noise) of a float32 leaf."""
         g = jnp.zeros_like(p) if g is None else g
-        vecs = (g, p - w0 if w0 is not None else None,
-                p if use_wd else None,
-                noise_lib.standard_normal(leaf_key, p.shape, jnp.float32))
-        if m is not None:
-            mm = jnp.asarray(m).astype(jnp.float32)
-            vecs = tuple(None if v is None else v * mm for v in vecs)
-        return vecs
+        return _masked(
+            (g, p - w0 if w0 is not None else None, p if use_wd else None,
+             noise_lib.standard_normal(leaf_key, p.shape, jnp.float32)),
+            None if m is None else jnp.asarray(m).astype(jnp.float32))
 
     def native_leaves(items, lr, nb, cs):
         """The CPU kernel's step of the float32 leaves ``items``.
@@ -571,6 +567,13 @@ def _sharded_explicitly(x) -> bool:
         return False
     spec = getattr(getattr(typeof(x), "sharding", None), "spec", None)
     return spec is not None and any(axis is not None for axis in spec)
+
+
+def _masked(vectors, mask):
+    """``vectors`` times ``mask`` (``None`` entries, or no mask, kept)."""
+    if mask is None:
+        return tuple(vectors)
+    return tuple(None if v is None else v * mask for v in vectors)
 
 
 def _numel(p_leaves, m_leaves):
