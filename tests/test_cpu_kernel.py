@@ -276,6 +276,23 @@ def test_native_falls_back_where_the_kernel_does_not_apply(case):
                                    atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
+def test_native_takes_leaves_without_gradients():
+    # optax passes None for leaves it does not train (e.g. set_to_zero).
+    params, grads, _ = make(8, {"a": (300, 5), "b": (7,)})
+    grads["b"] = None
+    kwargs = dict(nbeta=NBETA, localization=1.0, save_metrics=True,
+                  sketch_dim=8, key=0)
+    (u, s), _ = step(so.sgld(LR, native_cpu=True, **kwargs), params, grads)
+    (u_x, s_x), _ = step(so.sgld(LR, **kwargs), params, grads)
+    for k in params:
+        np.testing.assert_allclose(u[k], u_x[k], rtol=1e-6, atol=1e-9)
+    for a, b in zip(s.metrics, s_x.metrics):
+        np.testing.assert_allclose(a, b, rtol=2e-5)
+    for a, b in zip(s.sketch, s_x.sketch):
+        np.testing.assert_allclose(a, b, rtol=0,
+                                   atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
 def test_native_vmapped_chains_are_the_single_chains():
     params, grads, _ = make(6)
     tx = so.sgld(LR, nbeta=NBETA, localization=2.0, save_metrics=True,
