@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -335,6 +336,31 @@ def test_native_with_traced_hyperparameters():
     # The traced rate reached the kernel: noise norm ~ sqrt(2 lr * numel).
     numel = sum(int(np.size(p)) for p in params.values())
     assert abs(float(outs[0][1].noise) / math.sqrt(2 * LR * numel) - 1) < 0.02
+
+
+def test_every_update_loop_vectorises(tmp_path):
+    # Each instance of the update loop must vectorise. When the compiler
+    # stopped inlining the noise into them, the loops ran scalar and a step
+    # took 8x as long, with every value still right.
+    with open(cpu_kernel._SOURCE) as f:
+        source = f.read()
+    lines = source.splitlines()
+    start = next(i for i, line in enumerate(lines, 1)
+                 if line.startswith("void UpdateBlock("))
+    end = next(i for i, line in enumerate(lines, 1)
+               if i > start and line == "}")
+    instances = int(re.search(r"make_integer_sequence<int, (\d+)>",
+                              source).group(1))
+    cmd = (cpu_kernel._compiler() + list(cpu_kernel._FLAGS)
+           + ["-fopt-info-vec-optimized", "-I", jax.ffi.include_dir(),
+              cpu_kernel._SOURCE, "-o", str(tmp_path / "kernel.so")])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "opt-info" in proc.stderr:
+        pytest.skip("the compiler does not report vectorisation (not GCC)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vectorised = [int(m.group(1)) for m in re.finditer(
+        r"cpu_kernel\.cc:(\d+):\d+: optimized: loop vectorized", proc.stderr)]
+    assert sum(start <= n <= end for n in vectorised) >= instances
 
 
 def test_native_cpu_must_be_a_bool():
