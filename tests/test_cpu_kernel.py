@@ -212,6 +212,21 @@ def test_native_sketch_equals_a_hand_sketch(k):
                                rtol=0, atol=2e-5 * np.abs(want).max())
 
 
+def assert_updates_close(u, u_xla):
+    """Updates of the kernel and of XLA agree to float32 rounding."""
+    for k in u:
+        np.testing.assert_allclose(u[k], u_xla[k], rtol=1e-6, atol=1e-9)
+
+
+def assert_state_close(state, state_xla):
+    """Metrics and sketches of the kernel and of XLA agree to rounding."""
+    for a, b in zip(state.metrics, state_xla.metrics):
+        np.testing.assert_allclose(a, b, rtol=2e-5)
+    for a, b in zip(state.sketch, state_xla.sketch):
+        np.testing.assert_allclose(a, b, rtol=0,
+                                   atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
 def _kernel_leaves(tx, params, grads):
     """How many leaves each call of the kernel in the traced step takes."""
     jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params)
@@ -241,11 +256,7 @@ def test_native_kernel_takes_the_float32_leaves_only():
     (u, s), _ = step(native, params, grads)
     (u_x, s_x), _ = step(so.sgld(LR, **kwargs), params, grads)
     np.testing.assert_array_equal(u["half"], u_x["half"])
-    for a, b in zip(s.metrics, s_x.metrics):
-        np.testing.assert_allclose(a, b, rtol=2e-5)
-    for a, b in zip(s.sketch, s_x.sketch):
-        np.testing.assert_allclose(a, b, rtol=0,
-                                   atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    assert_state_close(s, s_x)
 
 
 @pytest.mark.parametrize("case", ["tables", "too-large", "rbg"])
@@ -268,13 +279,8 @@ def test_native_falls_back_where_the_kernel_does_not_apply(case):
     # Update and metrics by the kernel where it can; the sketch by XLA.
     assert _kernel_leaves(native, params, grads) == ([] if case == "rbg"
                                                      else [2])
-    for k in params:
-        np.testing.assert_allclose(u[k], u_x[k], rtol=1e-6, atol=1e-9)
-    for a, b in zip(s.metrics, s_x.metrics):
-        np.testing.assert_allclose(a, b, rtol=2e-5)
-    for a, b in zip(s.sketch, s_x.sketch):
-        np.testing.assert_allclose(a, b, rtol=0,
-                                   atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    assert_updates_close(u, u_x)
+    assert_state_close(s, s_x)
 
 
 def test_native_takes_leaves_without_gradients():
@@ -285,13 +291,8 @@ def test_native_takes_leaves_without_gradients():
                   sketch_dim=8, key=0)
     (u, s), _ = step(so.sgld(LR, native_cpu=True, **kwargs), params, grads)
     (u_x, s_x), _ = step(so.sgld(LR, **kwargs), params, grads)
-    for k in params:
-        np.testing.assert_allclose(u[k], u_x[k], rtol=1e-6, atol=1e-9)
-    for a, b in zip(s.metrics, s_x.metrics):
-        np.testing.assert_allclose(a, b, rtol=2e-5)
-    for a, b in zip(s.sketch, s_x.sketch):
-        np.testing.assert_allclose(a, b, rtol=0,
-                                   atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    assert_updates_close(u, u_x)
+    assert_state_close(s, s_x)
 
 
 def test_native_vmapped_chains_are_the_single_chains():
@@ -329,9 +330,7 @@ def test_native_with_traced_hyperparameters():
         state.hyperparams["learning_rate"] = jnp.asarray(2 * LR)
         u, new_state = jax.jit(tx.update)(grads, state, params)
         outs.append((u, so.get_metrics(new_state)))
-    for k in params:
-        np.testing.assert_allclose(outs[0][0][k], outs[1][0][k], rtol=1e-6,
-                                   atol=1e-9)
+    assert_updates_close(outs[0][0], outs[1][0])
     np.testing.assert_allclose(outs[0][1].noise, outs[1][1].noise, rtol=1e-5)
     # The traced rate reached the kernel: noise norm ~ sqrt(2 lr * numel).
     numel = sum(int(np.size(p)) for p in params.values())
