@@ -27,8 +27,8 @@ depend on whether metrics or sketches are kept, nor on the number of
 threads. The sums and sketches add the same terms in another order.
 
 The source is compiled the first time it is needed, with the system's C++
-compiler (``$CXX``, else ``c++``) for the host CPU (``-march=native``) and
-against the XLA FFI headers that ship with jaxlib, into a cache directory
+compiler (``$CXX``, else ``c++``) for the host CPU (``-march=native``, and
+512-bit vectors where the CPU has AVX-512) and against the XLA FFI headers that ship with jaxlib, into a cache directory
 (``$SGLD_OPTAX_CACHE``, else ``$XDG_CACHE_HOME/sgld_optax``, else
 ``~/.cache/sgld_optax``), keyed by the source, jaxlib's version, the
 compiler's version and the flags; later processes load the cached library.
@@ -47,6 +47,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sgld_optax._src.xla_options import _cpu_has_avx512
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                        "cpu_kernel.cc")
@@ -67,6 +69,20 @@ MAX_SKETCH_DIM = 1 << 16
 
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
           "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd")
+# GCC, tuned for the AVX-512 server CPUs (what -march=native gives on
+# Skylake to Sapphire Rapids), vectorises for 256-bit registers unless told
+# otherwise, for the lower clock some of them run at under 512-bit
+# instructions (XLA does the same; see xla_options.py). The kernel's loops are
+# integer and float arithmetic that the wider registers run faster: on a
+# 2-core AVX-512 Xeon, one thread's pass over 4M parameters takes 7.4 ms
+# with 512-bit vectors and 11.1 ms with 256-bit ones (plain step), 13.5 and
+# 18.0 ms with the sketch.
+_WIDE_VECTOR_FLAGS = ("-mprefer-vector-width=512",)
+
+
+def _flags() -> tuple:
+    """The compiler flags for this host."""
+    return _FLAGS + (_WIDE_VECTOR_FLAGS if _cpu_has_avx512() else ())
 
 
 class KernelUnavailable(RuntimeError):
@@ -107,7 +123,7 @@ def _build() -> str:
     include = jax.ffi.include_dir()
     digest = hashlib.sha256(b"\0".join([
         source, jaxlib.__version__.encode(),
-        _compiler_version(cxx).encode(), " ".join(cxx + list(_FLAGS)).encode(),
+        _compiler_version(cxx).encode(), " ".join(cxx + list(_flags())).encode(),
     ])).hexdigest()[:20]
     directory = _cache_dir()
     path = os.path.join(directory, f"cpu_kernel-{digest}.so")
@@ -116,7 +132,7 @@ def _build() -> str:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
-    cmd = cxx + list(_FLAGS) + ["-I", include, _SOURCE, "-o", tmp]
+    cmd = cxx + list(_flags()) + ["-I", include, _SOURCE, "-o", tmp]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as err:
