@@ -11,8 +11,9 @@
 // compile-time constants, so the two agree to float32 rounding, not bitwise.
 // Sums and sketches add the same terms in another order.
 //
-// One call takes all the float32 leaves of a step, laid end to end and cut
-// into at most kMaxRanges ranges fixed by their sizes (and the sketch's);
+// One call takes all the float32 leaves of a step (of every chain, under
+// jax.vmap), laid end to end and cut, chain by chain, into at most
+// kMaxRanges ranges fixed by their sizes (and the sketch's);
 // XLA's intra-op threads take ranges from a shared counter, and each range
 // accumulates into its own partial sums and sketch, which are added in range
 // order at the end: results do not depend on the number of threads or on
@@ -241,14 +242,21 @@ struct Scalars {
   float grad, localization, weight_decay, noise, box;
 };
 
-// One float32 leaf: its buffers, its place among the kernel's leaves
-// (start) and in the flattened params (offset, for the sketch's hash), and
-// its noise key.
+// One float32 leaf of one chain: its buffers, its place among the job's
+// leaves (start) and in the flattened params (offset, for the sketch's hash),
+// its noise key and its chain's scalars.
 struct Leaf {
   const float *w, *g, *w0, *mask;
   float* u;
   int64_t n, start, offset;
   uint32_t key0, key1;
+  Scalars s;
+};
+
+// Elements [begin, end) of the job's leaves laid end to end; a range never
+// spans two chains.
+struct Range {
+  int64_t begin, end;
 };
 
 struct Job;
@@ -256,11 +264,11 @@ using UpdateFn = void (*)(const Job&, const Leaf&, int64_t, int, float*,
                           float*, float*, float*);
 
 struct Job {
-  int64_t n, flags, k;
+  int64_t flags, k;
   uint32_t salt1, salt2;
-  Scalars s;
   std::vector<Leaf> leaves;
-  int64_t num_ranges, range_size;
+  std::vector<Range> ranges;
+  int64_t num_ranges;
   UpdateFn update;
   // Per range: kNumSums partial sums, and k x kNumRows sketch buckets.
   std::vector<double> sums;
@@ -285,7 +293,7 @@ template <bool kHasMask, bool kLoc, bool kWd, bool kHasBox, bool kHasW0,
 void UpdateBlock(const Job& job, const Leaf& leaf, int64_t begin, int len,
                  float* __restrict eta, float* __restrict dist,
                  float* __restrict gm, float* __restrict wm) {
-  const Scalars s = job.s;
+  const Scalars s = leaf.s;
   const uint32_t key0 = leaf.key0, key1 = leaf.key1;
   const uint32_t first = static_cast<uint32_t>(begin);
   const float* __restrict w = leaf.w + begin;
@@ -409,10 +417,9 @@ void RunBlock(const Job& job, const Leaf& leaf, int64_t begin, int64_t end,
   }
 }
 
-// Range r of the kernel's leaves laid end to end.
+// Range r of the job.
 void RunRange(Job& job, int64_t r) {
-  const int64_t begin = r * job.range_size;
-  const int64_t end = std::min(job.n, begin + job.range_size);
+  const int64_t begin = job.ranges[r].begin, end = job.ranges[r].end;
   double* sums = job.sums.data() + r * kNumSums;
   float* sketch = (job.flags & kSketch)
                       ? job.sketch + r * kNumRows * job.k
@@ -453,121 +460,235 @@ struct Work {
   }
 };
 
+// Under jax.vmap (vmap_method="expand_dims") every operand comes with the
+// batch dimensions in front, of size 1 where it is not batched, and the
+// outputs with all of them: each index into them is one chain, and the chains
+// are stepped in one call. Batch dimensions of an operand, and the element
+// stride of each, against the outputs' batch shape; false if they do not
+// broadcast.
+bool BatchStrides(ffi::Span<const int64_t> dims, int64_t own_rank,
+                  const std::vector<int64_t>& batch,
+                  std::vector<int64_t>* strides) {
+  const int64_t rank = static_cast<int64_t>(dims.size());
+  const int64_t nb = static_cast<int64_t>(batch.size());
+  if (rank != nb + own_rank) return false;
+  strides->assign(nb, 0);
+  int64_t stride = 1;
+  for (int64_t d = rank - 1; d >= 0; --d) {
+    if (d < nb) {
+      if (dims[d] != batch[d] && dims[d] != 1) return false;
+      (*strides)[d] = dims[d] == 1 ? 0 : stride;
+    }
+    stride *= dims[d];
+  }
+  return true;
+}
+
+// Element offset of chain `chain` (row-major over the batch shape) in an
+// operand with these batch strides.
+int64_t ChainOffset(int64_t chain, const std::vector<int64_t>& batch,
+                    const std::vector<int64_t>& strides) {
+  int64_t offset = 0;
+  for (int64_t d = static_cast<int64_t>(batch.size()) - 1; d >= 0; --d) {
+    offset += (chain % batch[d]) * strides[d];
+    chain /= batch[d];
+  }
+  return offset;
+}
+
 ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys,
                 ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs leaf_args,
                 ffi::ResultBuffer<ffi::F32> sums,
                 ffi::ResultBuffer<ffi::F32> sketch,
                 ffi::RemainingRets updates, int64_t flags, int64_t sketch_dim,
-                ffi::Span<const int64_t> offsets, int64_t salt1,
+                ffi::Span<const int64_t> offsets,
+                ffi::Span<const int64_t> ranks, int64_t salt1,
                 int64_t salt2) {
   const size_t num_leaves = offsets.size();
   const size_t per_leaf =
       2 + ((flags & kInitial) ? 1 : 0) + ((flags & kMask) ? 1 : 0);
   if (leaf_args.size() != per_leaf * num_leaves ||
-      updates.size() != num_leaves) {
+      updates.size() != num_leaves || ranks.size() != num_leaves) {
     return ffi::Error::InvalidArgument(
-        "expected w, g[, w0][, mask] and an update per leaf");
+        "expected w, g[, w0][, mask], a rank and an update per leaf");
   }
-  if (keys.element_count() != 2 * num_leaves ||
-      scalars.element_count() != 5 || sums->element_count() != kNumSums) {
-    return ffi::Error::InvalidArgument("bad keys, scalars or sums shape");
+  // The chains: the batch dimensions of the sums.
+  const auto sum_dims = sums->dimensions();
+  if (sum_dims.size() == 0 || sum_dims.back() != kNumSums) {
+    return ffi::Error::InvalidArgument("bad sums shape");
+  }
+  const std::vector<int64_t> batch(sum_dims.begin(), sum_dims.end() - 1);
+  int64_t num_chains = 1;
+  for (const int64_t b : batch) num_chains *= b;
+  if (num_chains == 0) return ffi::Error::Success();
+  std::vector<int64_t> key_strides, scalar_strides;
+  if (!BatchStrides(keys.dimensions(), 2, batch, &key_strides) ||
+      keys.dimensions().back() != 2 ||
+      keys.dimensions()[batch.size()] != static_cast<int64_t>(num_leaves) ||
+      !BatchStrides(scalars.dimensions(), 1, batch, &scalar_strides) ||
+      scalars.dimensions().back() != 5) {
+    return ffi::Error::InvalidArgument("bad keys or scalars shape");
   }
   if ((flags & kSketch) &&
       (sketch_dim < 1 || sketch_dim > kMaxSketchDim ||
        sketch->element_count() !=
-           static_cast<size_t>(kNumRows * sketch_dim))) {
+           static_cast<size_t>(num_chains * kNumRows * sketch_dim))) {
     return ffi::Error::InvalidArgument("bad sketch shape");
   }
 
-  auto work = std::make_shared<Work>();
-  Job& job = work->job;
-  job.flags = flags;
-  job.k = sketch_dim;
-  job.salt1 = static_cast<uint32_t>(salt1);
-  job.salt2 = static_cast<uint32_t>(salt2);
-  const float* sc = scalars.typed_data();
-  job.s = Scalars{sc[0], sc[1], sc[2], sc[3], sc[4]};
-  job.n = 0;
+  // Each leaf's buffers and their batch strides.
+  struct Operand {
+    const float* data;
+    std::vector<int64_t> strides;
+  };
+  struct LeafOperands {
+    Operand w, g, w0, mask;
+    float* u;
+    int64_t n;
+  };
+  std::vector<LeafOperands> operands(num_leaves);
+  int64_t n = 0;  // elements per chain
   for (size_t i = 0; i < num_leaves; ++i) {
     size_t a = per_leaf * i;
-    auto w = leaf_args.get<ffi::Buffer<ffi::F32>>(a++);
-    auto g = leaf_args.get<ffi::Buffer<ffi::F32>>(a++);
+    LeafOperands& op = operands[i];
     auto u = updates.get<ffi::Buffer<ffi::F32>>(i);
-    if (!w.has_value() || !g.has_value() || !u.has_value()) {
-      return ffi::Error::InvalidArgument("leaf buffers must be float32");
+    if (!u.has_value()) {
+      return ffi::Error::InvalidArgument("updates must be float32");
     }
-    Leaf leaf{};
-    leaf.n = static_cast<int64_t>(w->element_count());
-    if (g->element_count() != w->element_count() ||
-        (*u)->element_count() != w->element_count()) {
-      return ffi::Error::InvalidArgument("w, g and u must have one size");
+    const auto u_dims = (*u)->dimensions();
+    if (static_cast<int64_t>(u_dims.size()) !=
+        static_cast<int64_t>(batch.size()) + ranks[i]) {
+      return ffi::Error::InvalidArgument("bad update shape");
     }
-    leaf.w = w->typed_data();
-    leaf.g = g->typed_data();
-    leaf.u = (*u)->typed_data();
-    for (const int64_t bit : {kInitial, kMask}) {
-      if (!(flags & bit)) continue;
-      auto x = leaf_args.get<ffi::Buffer<ffi::F32>>(a++);
-      if (!x.has_value() || x->element_count() != w->element_count()) {
-        return ffi::Error::InvalidArgument(
-            "w0 and mask must be float32 of the size of w");
+    op.u = (*u)->typed_data();
+    op.n = static_cast<int64_t>((*u)->element_count()) / num_chains;
+    Operand* inputs[4] = {&op.w, &op.g, &op.w0, &op.mask};
+    const bool present[4] = {true, true, (flags & kInitial) != 0,
+                             (flags & kMask) != 0};
+    for (int j = 0; j < 4; ++j) {
+      if (!present[j]) {
+        inputs[j]->data = nullptr;
+        continue;
       }
-      (bit == kInitial ? leaf.w0 : leaf.mask) = x->typed_data();
+      auto x = leaf_args.get<ffi::Buffer<ffi::F32>>(a++);
+      if (!x.has_value()) {
+        return ffi::Error::InvalidArgument("leaf buffers must be float32");
+      }
+      const auto dims = x->dimensions();
+      if (!BatchStrides(dims, ranks[i], batch, &inputs[j]->strides) ||
+          !std::equal(dims.end() - ranks[i], dims.end(),
+                      u_dims.end() - ranks[i])) {
+        return ffi::Error::InvalidArgument(
+            "w, g, w0, mask and the update of a leaf must have one shape");
+      }
+      inputs[j]->data = x->typed_data();
     }
-    leaf.start = job.n;
-    leaf.offset = offsets[i];
-    leaf.key0 = keys.typed_data()[2 * i];
-    leaf.key1 = keys.typed_data()[2 * i + 1];
-    job.n += leaf.n;
-    if (leaf.n > 0) job.leaves.push_back(leaf);
+    n += op.n;
   }
+
   // Many small ranges balance the threads' work best; each range keeps its
-  // own sketch, so a large sketch gets fewer of them.
+  // own sketch, so a large sketch gets fewer of them. A chain's ranges do not
+  // depend on the number of chains, so neither do its sums and sketch.
   int64_t max_ranges = kMaxRanges;
   if (flags & kSketch) {
     max_ranges = std::clamp<int64_t>(
         kSketchBudget / (kNumRows * 4 * sketch_dim), kMinRanges, kMaxRanges);
   }
-  job.num_ranges = std::max<int64_t>(
-      1, std::min<int64_t>(max_ranges, (job.n + kMinRange - 1) / kMinRange));
-  job.range_size = std::max<int64_t>(
-      1, (job.n + job.num_ranges - 1) / job.num_ranges);
-  job.update = SelectUpdate(flags);
-  job.sums.assign(job.num_ranges * kNumSums, 0.0);
+  const int64_t chain_ranges = std::max<int64_t>(
+      1, std::min<int64_t>(max_ranges, (n + kMinRange - 1) / kMinRange));
+  const int64_t range_size =
+      std::max<int64_t>(1, (n + chain_ranges - 1) / chain_ranges);
+  // Chains per call of the threads: as many as the sketch budget allows.
+  int64_t wave = num_chains;
   if (flags & kSketch) {
-    job.sketch = SketchScratch(job.num_ranges * kNumRows * sketch_dim);
+    wave = std::clamp<int64_t>(
+        kSketchBudget / (chain_ranges * kNumRows * 4 * sketch_dim), 1,
+        num_chains);
   }
+  const UpdateFn update = SelectUpdate(flags);
+  const float* sc = scalars.typed_data();
+  const uint32_t* kw = keys.typed_data();
+  float* out_sums = sums->typed_data();
+  float* out_sketch = (flags & kSketch) ? sketch->typed_data() : nullptr;
+  const int64_t sketch_size = kNumRows * sketch_dim;
 
-  if (job.n > 0) {
-    // The calling thread works too: with XLA's threads as many as the cores,
-    // one fewer helper keeps every core busy without oversubscribing them.
-    const int64_t helpers = std::min<int64_t>(
-        std::max<int64_t>(pool.num_threads() - 1, 0), job.num_ranges - 1);
-    for (int64_t h = 0; h < helpers; ++h) {
-      pool.Schedule([work] { work->Drain(); });
+  for (int64_t first = 0; first < num_chains; first += wave) {
+    const int64_t last = std::min(num_chains, first + wave);
+    auto work = std::make_shared<Work>();
+    Job& job = work->job;
+    job.flags = flags;
+    job.k = sketch_dim;
+    job.salt1 = static_cast<uint32_t>(salt1);
+    job.salt2 = static_cast<uint32_t>(salt2);
+    job.update = update;
+    int64_t start = 0;
+    for (int64_t c = first; c < last; ++c) {
+      const float* s = sc + ChainOffset(c, batch, scalar_strides);
+      const uint32_t* key = kw + ChainOffset(c, batch, key_strides);
+      const int64_t chain_start = start;
+      for (size_t i = 0; i < num_leaves; ++i) {
+        const LeafOperands& op = operands[i];
+        auto at = [&](const Operand& x) {
+          return x.data ? x.data + ChainOffset(c, batch, x.strides) : nullptr;
+        };
+        Leaf leaf{};
+        leaf.w = at(op.w);
+        leaf.g = at(op.g);
+        leaf.w0 = at(op.w0);
+        leaf.mask = at(op.mask);
+        leaf.u = op.u + c * op.n;
+        leaf.n = op.n;
+        leaf.start = start;
+        leaf.offset = offsets[i];
+        leaf.key0 = key[2 * i];
+        leaf.key1 = key[2 * i + 1];
+        leaf.s = Scalars{s[0], s[1], s[2], s[3], s[4]};
+        start += op.n;
+        if (leaf.n > 0) job.leaves.push_back(leaf);
+      }
+      for (int64_t b = 0; b < n; b += range_size) {
+        job.ranges.push_back(
+            Range{chain_start + b, chain_start + std::min(n, b + range_size)});
+      }
+      if (n == 0) job.ranges.push_back(Range{chain_start, chain_start});
     }
-    work->Drain();
-    std::unique_lock<std::mutex> lock(work->mu);
-    work->cv.wait(lock, [&] { return work->done == job.num_ranges; });
-  } else {
-    job.num_ranges = 0;
-  }
-
-  float* out = sums->typed_data();
-  for (int q = 0; q < kNumSums; ++q) {
-    double total = 0.0;
-    for (int64_t r = 0; r < job.num_ranges; ++r) {
-      total += job.sums[r * kNumSums + q];
+    job.num_ranges = static_cast<int64_t>(job.ranges.size());
+    job.sums.assign(job.num_ranges * kNumSums, 0.0);
+    if (flags & kSketch) {
+      job.sketch = SketchScratch(job.num_ranges * sketch_size);
     }
-    out[q] = static_cast<float>(total);
-  }
-  if (flags & kSketch) {
-    float* out_sketch = sketch->typed_data();
-    const int64_t size = kNumRows * sketch_dim;
-    std::memset(out_sketch, 0, size * sizeof(float));
-    for (int64_t r = 0; r < job.num_ranges; ++r) {
-      const float* part = job.sketch + r * size;
-      for (int64_t i = 0; i < size; ++i) out_sketch[i] += part[i];
+    if (start > 0) {
+      // The calling thread works too: with XLA's threads as many as the
+      // cores, one fewer helper keeps every core busy without
+      // oversubscribing them.
+      const int64_t helpers = std::min<int64_t>(
+          std::max<int64_t>(pool.num_threads() - 1, 0), job.num_ranges - 1);
+      for (int64_t h = 0; h < helpers; ++h) {
+        pool.Schedule([work] { work->Drain(); });
+      }
+      work->Drain();
+      std::unique_lock<std::mutex> lock(work->mu);
+      work->cv.wait(lock, [&] { return work->done == job.num_ranges; });
+    }
+    // Each chain's ranges, added in order.
+    const int64_t per_chain = job.num_ranges / (last - first);
+    for (int64_t c = first; c < last; ++c) {
+      const int64_t r0 = (c - first) * per_chain;
+      for (int q = 0; q < kNumSums; ++q) {
+        double total = 0.0;
+        for (int64_t r = r0; r < r0 + per_chain; ++r) {
+          total += job.sums[r * kNumSums + q];
+        }
+        out_sums[c * kNumSums + q] = static_cast<float>(total);
+      }
+      if (flags & kSketch) {
+        float* dst = out_sketch + c * sketch_size;
+        std::memset(dst, 0, sketch_size * sizeof(float));
+        for (int64_t r = r0; r < r0 + per_chain; ++r) {
+          const float* part = job.sketch + r * sketch_size;
+          for (int64_t i = 0; i < sketch_size; ++i) dst[i] += part[i];
+        }
+      }
     }
   }
   return ffi::Error::Success();
@@ -588,5 +709,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SgldOptaxCpuStep, Step,
                                   .Attr<int64_t>("flags")
                                   .Attr<int64_t>("sketch_dim")
                                   .Attr<ffi::Span<const int64_t>>("offsets")
+                                  .Attr<ffi::Span<const int64_t>>("ranks")
                                   .Attr<int64_t>("salt1")
                                   .Attr<int64_t>("salt2"));

@@ -26,6 +26,13 @@ drifts from one run without it by rounding. The kernel's updates do not
 depend on whether metrics or sketches are kept, nor on the number of
 threads. The sums and sketches add the same terms in another order.
 
+Under ``jax.vmap`` (``vmap_method="expand_dims"``) the operands arrive with
+the batch dimensions in front, of size 1 where an operand is not batched,
+and one call steps every chain: each chain's buffers are read in place and
+unbatched ones (the initial params, a mask) are shared. A chain's ranges do
+not depend on the number of chains, so its results are bitwise those of
+the chain stepped alone.
+
 The source is compiled the first time it is needed, with the system's C++
 compiler (``$CXX``, else ``c++``) for the host CPU (``-march=native``, and
 512-bit vectors where the CPU has AVX-512) and against the XLA FFI headers that ship with jaxlib, into a cache directory
@@ -218,9 +225,10 @@ def step(leaves, key_words, scalars, *, flags: int, sketch_dim: int = 0,
          jax.ShapeDtypeStruct((width, len(SKETCH_COLUMNS)), jnp.float32),
          *(jax.ShapeDtypeStruct(w.shape, jnp.float32)
            for w, _, _, _ in leaves)),
-        vmap_method="sequential")
+        vmap_method="expand_dims")
     sums, sketch, *updates = call(
         keys, scalars, *args, flags=np.int64(flags),
         sketch_dim=np.int64(sketch_dim), offsets=offsets,
+        ranks=np.asarray([np.ndim(w) for w, _, _, _ in leaves], np.int64),
         salt1=np.int64(salts[0]), salt2=np.int64(salts[1]))
     return updates, sums, sketch
