@@ -163,20 +163,22 @@ _DEVICE_SCRIPT = textwrap.dedent("""
     w = jnp.asarray(np.linalg.lstsq(x, y, rcond=None)[0])
     r = so.estimate_llc(loss, w, (x, y), key=5, learning_rate=1e-3, nbeta=30.0,
                         num_chains=8, num_draws=400, batch_size=32,
-                        progress=False)
+                        native_cpu=sys.argv[2] == "native", progress=False)
     assert shardings == [4], shardings
     np.save(sys.argv[1], r.loss_trace)
 """)
 
 
-def test_four_devices_agree_with_one(tmp_path):
+@pytest.mark.parametrize("native", [False, True])
+def test_four_devices_agree_with_one(tmp_path, native):
     script = tmp_path / "run.py"
     script.write_text(_DEVICE_SCRIPT)
     out = tmp_path / "trace.npy"
     env = {**os.environ,
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(script), str(out)], env=env,
+    proc = subprocess.run([sys.executable, str(script), str(out),
+                           "native" if native else "xla"], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     sharded = np.load(out)
@@ -185,7 +187,8 @@ def test_four_devices_agree_with_one(tmp_path):
                             nbeta=30.0, num_chains=8, num_draws=400,
                             batch_size=32, progress=False).loss_trace
     # Same keys, same chains: the traces agree to rounding (exactly on one
-    # CPU; to float32 rounding when the one device is a GPU).
+    # CPU; to float32 rounding when the one device is a GPU or the chains
+    # were stepped by the native kernel).
     np.testing.assert_allclose(sharded, local, rtol=1e-5, atol=1e-6)
 
 
@@ -504,6 +507,40 @@ def test_leaves_are_sampled_as_one_flat_vector(streamed):
     np.testing.assert_allclose(tree.loss_trace, one.loss_trace, rtol=1e-6)
     np.testing.assert_array_equal(tree.metrics.numel, one.metrics.numel)
     assert int(tree.metrics.numel[0, 0]) == 4
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_native_cpu_chains_are_the_default_chains_to_rounding(streamed):
+    # The native kernel steps every chain in one call; the chains, their
+    # metrics and the estimate agree with XLA's to float32 rounding, with a
+    # mask, a bounding box and weight decay (every term of the update).
+    params = {"w": SMALL_W, "b": jnp.asarray([0.1, -0.2], jnp.float32)}
+    mask = {"w": jnp.arange(6).reshape(3, 2) % 3 != 0,
+            "b": jnp.asarray([True, False])}
+    data = _Loader(SMALL_DATA, batch_size=30) if streamed else SMALL_DATA
+    kwargs = dict(key=4, learning_rate=1e-3, nbeta=30.0, localization=2.0,
+                  weight_decay=0.1, bounding_box_size=0.5, mask=mask,
+                  num_chains=3, num_draws=40, save_metrics=True,
+                  progress=False)
+    if not streamed:
+        kwargs["batch_size"] = 30
+    xla = so.estimate_llc(affine_loss, params, data, **kwargs)
+    native = so.estimate_llc(affine_loss, params, data, native_cpu=True,
+                             **kwargs)
+    np.testing.assert_allclose(native.loss_trace, xla.loss_trace, rtol=1e-5)
+    assert native.llc_mean == pytest.approx(xla.llc_mean, rel=1e-4)
+    for a, b in zip(native.metrics, xla.metrics):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(native.metrics.numel, 5)
+    # Not the same chains by accident: another key moves them.
+    other = so.estimate_llc(affine_loss, params, data, native_cpu=True,
+                            **dict(kwargs, key=5))
+    assert not np.allclose(other.loss_trace, native.loss_trace)
+
+
+def test_native_cpu_must_be_a_bool():
+    with pytest.raises(TypeError, match="native_cpu"):
+        small_run(key=0, native_cpu=1)
 
 
 def test_mixed_dtype_leaves_are_sampled_leaf_by_leaf():

@@ -209,6 +209,7 @@ class _Static(NamedTuple):
     num_steps_bw_draws: int
     batch_size: int
     save_metrics: bool
+    native_cpu: bool
     progress: bool
     lr_schedule: Optional[Callable]
     use_box: bool
@@ -378,6 +379,7 @@ def _sampler(static: _Static, hyper: _Hyper, mask):
         bounding_box_size=hyper.bounding_box_size if static.use_box else None,
         mask=mask,
         save_metrics=static.save_metrics,
+        native_cpu=static.native_cpu,
     )
 
 
@@ -673,6 +675,7 @@ def estimate_llc(
     num_steps_bw_draws: int = 1,
     batch_size: int = 32,
     save_metrics: bool = False,
+    native_cpu: bool = False,
     progress: bool = True,
 ) -> LLCResult:
     """Estimates the local learning coefficient at ``params`` with SGLD.
@@ -700,7 +703,8 @@ def estimate_llc(
     data epoch after epoch (a last partial batch per epoch is dropped), and
     the whole run is a single compiled program. The program is cached: a
     second call with the same ``loss_fn`` object, the same shapes and the
-    same ``num_*``, ``batch_size``, ``save_metrics``, ``progress`` and
+    same ``num_*``, ``batch_size``, ``save_metrics``, ``native_cpu``,
+    ``progress`` and
     whether ``bounding_box_size``/``mask`` are given reuses it, whatever the
     ``key``, ``learning_rate``, ``nbeta``, ``localization``,
     ``weight_decay``, ``noise_level``, ``bounding_box_size`` and ``mask``
@@ -749,6 +753,17 @@ def estimate_llc(
       num_steps_bw_draws: steps between consecutive draws.
       batch_size: minibatch size for in-memory ``data``.
       save_metrics: record the sampler's :class:`Metrics` at every step.
+      native_cpu: on CPU, step the chains with the sampler's native kernel
+        (see :func:`sgld`'s ``native_cpu``): one pass per step over every
+        chain's float32 parameters for the update, its noise and the
+        metrics. It pays off with ``save_metrics=True`` on large models:
+        for an MLP of 272K parameters, 8 chains of 200 draws with metrics
+        took 1.6 s instead of 2.6 s on a 2-core CPU (1.43 s instead of 1.50
+        without metrics). The chains agree with
+        those of the default to float32 rounding, not bit for bit. The
+        kernel has no rule for splitting chains over devices: with several
+        devices every chain is gathered onto each and each steps them all,
+        so use it on one.
       progress: show a progress bar over draws.
 
     Returns:
@@ -756,6 +771,8 @@ def estimate_llc(
 
     Raises:
       ValueError, TypeError: for invalid arguments, naming the argument.
+      RuntimeError: with ``native_cpu=True``, if the native kernel cannot be
+        compiled or loaded.
 
     Warns:
       RuntimeWarning: when some chains diverge (non-finite loss); they are
@@ -788,7 +805,8 @@ def estimate_llc(
     num_burnin_steps = _check_int("num_burnin_steps", num_burnin_steps, 0)
     num_steps_bw_draws = _check_int("num_steps_bw_draws", num_steps_bw_draws, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
-    for name, flag in (("save_metrics", save_metrics), ("progress", progress)):
+    for name, flag in (("save_metrics", save_metrics),
+                       ("native_cpu", native_cpu), ("progress", progress)):
         if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {flag!r}.")
     leaves = jax.tree_util.tree_leaves(params)
@@ -839,7 +857,7 @@ def estimate_llc(
         learning_rate, nbeta=nbeta, noise_level=noise_level,
         weight_decay=weight_decay, localization=localization,
         bounding_box_size=bounding_box_size, mask=mask,
-        save_metrics=save_metrics)
+        save_metrics=save_metrics, native_cpu=native_cpu)
     jax.eval_shape(check_tx.init, params)
 
     lr_schedule = learning_rate if callable(learning_rate) else None
@@ -857,7 +875,8 @@ def estimate_llc(
         num_burnin_steps=num_burnin_steps,
         num_steps_bw_draws=num_steps_bw_draws,
         batch_size=batch_size if in_memory else 0,
-        save_metrics=bool(save_metrics), progress=bool(progress),
+        save_metrics=bool(save_metrics), native_cpu=bool(native_cpu),
+        progress=bool(progress),
         lr_schedule=lr_schedule, use_box=bounding_box_size is not None,
         sharding=sharding)
     chain_ids = np.arange(num_chains, dtype=np.int32)
