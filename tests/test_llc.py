@@ -174,13 +174,24 @@ def test_four_devices_agree_with_one(tmp_path, native):
     script = tmp_path / "run.py"
     script.write_text(_DEVICE_SCRIPT)
     out = tmp_path / "trace.npy"
+    dump = tmp_path / "hlo"
     env = {**os.environ,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"
+                        f" --xla_dump_to={dump} --xla_dump_hlo_as_text",
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, str(script), str(out),
                            "native" if native else "xla"], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    if native:
+        # Each device steps its own 2 of the 8 chains in one kernel call;
+        # nothing is gathered across devices.
+        programs = [f.read_text() for f in
+                    dump.glob("*_sample_in_memory*after_optimizations.txt")]
+        calls = [line for text in programs for line in text.splitlines()
+                 if 'custom_call_target="sgld_optax_cpu_step"' in line]
+        assert calls and all("f32[2,9]" in line for line in calls), calls
+        assert not any("all-gather" in text for text in programs)
     sharded = np.load(out)
     w, data = regression_problem(3, 2, 300, seed=1)
     local = so.estimate_llc(linreg_loss, w, data, key=5, learning_rate=1e-3,
