@@ -474,6 +474,43 @@ SHARDING_SCRIPT = textwrap.dedent("""
             except Exception as err:
                 results[name] = dict(ok=False,
                                      error=f"{type(err).__name__}: {err}")
+        # Under shard_map each device samples its own rows of w and b.
+        name = ("shard_map-" + ("sketch" if sketch else "plain")
+                + ("-native" if native else ""))
+        try:
+            mesh = jax.make_mesh((4,), ("x",),
+                                 axis_types=(AxisType.Explicit,))
+            local_params = {k: params[k] for k in ("w", "b")}
+            local_grads = {k: grads[k] for k in ("w", "b")}
+
+            def local(p, g):
+                u, s = tx.update(g, tx.init(p), p)
+                return u, jax.tree.map(lambda x: x[None],
+                                       (s.metrics, s.sketch))
+            put = lambda t: {k: jax.device_put(v, NamedSharding(mesh, P("x")))
+                             for k, v in t.items()}
+            u, (m, sk) = jax.jit(jax.shard_map(
+                local, mesh=mesh, in_specs=(P("x"), P("x")),
+                out_specs=(P("x"), P("x"))))(put(local_params),
+                                             put(local_grads))
+            u, m, sk = jax.tree.map(np.asarray, (u, m, sk))
+            diffs = dict(max_diff=0.0, metrics_diff=0.0, sketch_diff=0.0)
+            for d in range(4):
+                block = lambda t: {k: v[2 * d:2 * d + 2] for k, v in t.items()}
+                ref_u, ref_s = step(block(local_grads),
+                                    tx.init(block(local_params)),
+                                    block(local_params))
+                pick = lambda t: jax.tree.map(lambda x: x[d], t)
+                for key, a, b in (("max_diff", block(u), ref_u),
+                                  ("metrics_diff", pick(m), ref_s.metrics),
+                                  ("sketch_diff", pick(sk) if sketch else 0,
+                                   ref_s.sketch if sketch else 0)):
+                    if sketch or key != "sketch_diff":
+                        diffs[key] = max(diffs[key], maxdiff(a, b))
+            results[name] = dict(ok=True, **diffs)
+        except Exception as err:
+            results[name] = dict(ok=False,
+                                 error=f"{type(err).__name__}: {err}")
     print("RESULTS" + json.dumps(results))
 """)
 
@@ -517,6 +554,21 @@ def test_native_kernel_under_an_auto_mesh_gathers(sharding_results, config):
     res = sharding_results[config]
     assert res["ok"], res.get("error")
     assert not res["sharded"]
+    assert res["max_diff"] <= 1e-6
+    assert res["metrics_diff"] <= 1e-5
+    assert res["sketch_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("config", [
+    "shard_map-plain", "shard_map-sketch", "shard_map-plain-native",
+    "shard_map-sketch-native"])
+def test_under_shard_map_each_device_samples_its_block(sharding_results,
+                                                       config):
+    # Inside shard_map values are typed with the axes they vary along; the
+    # sampler's platform-dependent parts (the native kernel, the GPU
+    # sketch) must agree on those types, else tracing fails.
+    res = sharding_results[config]
+    assert res["ok"], res.get("error")
     assert res["max_diff"] <= 1e-6
     assert res["metrics_diff"] <= 1e-5
     assert res["sketch_diff"] <= 1e-5

@@ -1,4 +1,4 @@
-"""Type aliases and small shared helpers for argument checking."""
+"""Type aliases and small shared helpers: argument checking, platform branches."""
 
 from __future__ import annotations
 
@@ -113,3 +113,50 @@ def fmix32(x):
     x = x ^ (x >> np.uint32(13))
     x = x * np.uint32(0xC2B2AE35)
     return x ^ (x >> np.uint32(16))
+
+
+def _varying_axes(aval) -> frozenset:
+    """The mesh axes along which a value of type ``aval`` (an abstract array
+    or ``jax.ShapeDtypeStruct``) varies inside ``jax.shard_map``."""
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def _manual_axes() -> tuple:
+    get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    return tuple(getattr(get_mesh(), "manual_axes", ())) if get_mesh else ()
+
+
+def platform_dependent(*args, **branches):
+    """``jax.lax.platform_dependent`` whose branches may differ in what varies.
+
+    Inside ``jax.shard_map`` every value is typed with the mesh axes along
+    which it varies from device to device, and the branches of a switch must
+    return the same types. Branches built differently (a custom call, a
+    scatter with a sharding) can type the same output differently, so inside
+    ``shard_map`` each output of every branch is marked as varying along the
+    axes it varies along in any branch (a change of type only: each device's
+    values are what it computed). Outside, this is the JAX function.
+    """
+    if not _manual_axes() or not hasattr(jax.lax, "pcast"):
+        return jax.lax.platform_dependent(*args, **branches)
+    outs = [jax.eval_shape(b, *args) for b in branches.values()]
+    flat = [jax.tree.leaves(o) for o in outs]
+    axes = [frozenset().union(*(_varying_axes(f[i]) for f in flat))
+            for i in range(len(flat[0]))]
+
+    def typed(branch):
+        def call(*a):
+            leaves, tree = jax.tree.flatten(branch(*a))
+            cast = []
+            for x, want in zip(leaves, axes):
+                missing = tuple(sorted(want - _varying_axes(jax.typeof(x))))
+                cast.append(jax.lax.pcast(x, missing, to="varying")
+                            if missing else x)
+            return jax.tree.unflatten(tree, cast)
+        return call
+
+    return jax.lax.platform_dependent(
+        *args, **{name: typed(b) for name, b in branches.items()})

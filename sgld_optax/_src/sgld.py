@@ -519,7 +519,7 @@ def sgld(
                 "have 2**31 or more elements.")
         operands = (p_leaves, g_leaves, m_leaves, w0_leaves, leaf_keys, lr, nb)
         if native_cpu:
-            out, new_metrics, new_sketch = jax.lax.platform_dependent(
+            out, new_metrics, new_sketch = base.platform_dependent(
                 *operands, cpu=functools.partial(step_leaves, native=True),
                 default=functools.partial(step_leaves, native=False))
         else:

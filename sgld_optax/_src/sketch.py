@@ -309,7 +309,7 @@ class CountSketch:
                   for piece in pieces]
         if not pieces or not pieces[0]:
             return []
-        return jax.lax.platform_dependent(
+        return base.platform_dependent(
             pieces, default=self._sketch_pieces_one_by_one,
             cuda=self._sketch_pieces_privatized,
             rocm=self._sketch_pieces_privatized)
