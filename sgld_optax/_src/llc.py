@@ -300,12 +300,10 @@ def _chain_sharding(num_chains: int):
 
 
 def _shard_map(f, **kwargs):
-    """``jax.shard_map`` without the replication check, which does not see
-    through the native kernel's call (its outputs carry no varying axes)."""
     if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, check_vma=False, **kwargs)
+        return jax.shard_map(f, **kwargs)
     from jax.experimental.shard_map import shard_map  # JAX before 0.7
-    return shard_map(f, check_rep=False, **kwargs)
+    return shard_map(f, **kwargs)
 
 
 # ---------------------------------------------------------------------------
