@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -509,3 +510,28 @@ def test_built_kernel_is_cached(monkeypatch, tmp_path):
     # ...and the same one finds the library it built.
     assert cpu_kernel._build() == path
     assert os.stat(path).st_mtime_ns == stamp
+
+
+def test_cache_key_names_the_host_cpu(monkeypatch, tmp_path):
+    # The library is built with -march=native: one built on another kind of
+    # CPU (a cache directory shared across a cluster) can crash here with an
+    # illegal instruction, so the host's target is part of the key.
+    monkeypatch.setenv("SGLD_OPTAX_CACHE", str(tmp_path))
+    cxx, flags = cpu_kernel._compiler(), cpu_kernel._flags()
+    here = cpu_kernel._library_path(cxx, flags)
+    assert cpu_kernel._library_path(cxx, flags) == here
+    monkeypatch.setattr(cpu_kernel, "_target",
+                        lambda cxx, flags: "-march=another-cpu -mno-avx2")
+    assert cpu_kernel._library_path(cxx, flags) != here
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="reads x86 feature flags")
+def test_target_spells_out_march_native():
+    with open("/proc/cpuinfo") as f:
+        features = next(line for line in f if line.startswith("flags")).split()
+    if "avx2" not in features:
+        pytest.skip("reads the AVX2 flag, which this CPU lacks")
+    target = cpu_kernel._target(cpu_kernel._compiler(), cpu_kernel._flags())
+    # GCC writes -mavx2, Clang +avx2.
+    assert re.search(r"(-m|\+)avx2\b", target), target[-2000:]

@@ -38,7 +38,9 @@ compiler (``$CXX``, else ``c++``) for the host CPU (``-march=native``, and
 512-bit vectors where the CPU has AVX-512) and against the XLA FFI headers that ship with jaxlib, into a cache directory
 (``$SGLD_OPTAX_CACHE``, else ``$XDG_CACHE_HOME/sgld_optax``, else
 ``~/.cache/sgld_optax``), keyed by the source, jaxlib's version, the
-compiler's version and the flags; later processes load the cached library.
+compiler's version, the flags and the host CPU they target (what the compiler
+makes of ``-march=native``); later processes on the same kind of CPU load the
+cached library.
 """
 
 from __future__ import annotations
@@ -109,10 +111,11 @@ def _compiler() -> list:
     return shlex.split(os.environ.get("CXX", "c++"))
 
 
-def _compiler_version(cxx: list) -> str:
+def _run_compiler(cxx: list, args: list) -> str:
+    """The compiler's output (stdout and stderr) for ``args``."""
     try:
-        out = subprocess.run(cxx + ["--version"], capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(cxx + args, capture_output=True, text=True,
+                             timeout=60, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise KernelUnavailable(
             f"the native CPU kernel needs a C++ compiler; running "
@@ -120,26 +123,52 @@ def _compiler_version(cxx: list) -> str:
     return out.stdout + out.stderr
 
 
-def _build() -> str:
-    """Compiles cpu_kernel.cc (or finds it in the cache); returns its path."""
+def _compiler_version(cxx: list) -> str:
+    return _run_compiler(cxx, ["--version"])
+
+
+def _target(cxx: list, flags: tuple) -> str:
+    """What the compiler makes of ``flags`` on this host.
+
+    ``-###`` prints the compiler's own command lines without running them,
+    with ``-march=native`` spelled out as the host CPU's name and
+    instruction set extensions (GCC: ``-march=rocketlake -mavx512f ...``;
+    Clang: ``-target-cpu`` and ``-target-feature``). A library built on one
+    CPU can crash with an illegal instruction on another, so this is part of
+    the cache key: a cache directory shared by machines of several kinds
+    (a home directory on a cluster) keeps one library per kind.
+    """
+    return _run_compiler(cxx, list(flags) + ["-###", "-S", "-x", "c++", "-",
+                                             "-o", os.devnull])
+
+
+def _library_path(cxx: list, flags: tuple) -> str:
+    """Where the library built by ``cxx`` with ``flags`` is cached."""
     import jaxlib
 
-    cxx = _compiler()
     with open(_SOURCE, "rb") as f:
         source = f.read()
-    include = jax.ffi.include_dir()
     digest = hashlib.sha256(b"\0".join([
         source, jaxlib.__version__.encode(),
-        _compiler_version(cxx).encode(), " ".join(cxx + list(_flags())).encode(),
+        _compiler_version(cxx).encode(), " ".join(cxx + list(flags)).encode(),
+        _target(cxx, flags).encode(),
     ])).hexdigest()[:20]
-    directory = _cache_dir()
-    path = os.path.join(directory, f"cpu_kernel-{digest}.so")
+    return os.path.join(_cache_dir(), f"cpu_kernel-{digest}.so")
+
+
+def _build() -> str:
+    """Compiles cpu_kernel.cc (or finds it in the cache); returns its path."""
+    cxx = _compiler()
+    flags = _flags()
+    include = jax.ffi.include_dir()
+    path = _library_path(cxx, flags)
+    directory = os.path.dirname(path)
     if os.path.exists(path):
         return path
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
-    cmd = cxx + list(_flags()) + ["-I", include, _SOURCE, "-o", tmp]
+    cmd = cxx + list(flags) + ["-I", include, _SOURCE, "-o", tmp]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as err:
