@@ -5,8 +5,9 @@ Box-Muller transform per parameter, all 32-bit integer and float arithmetic in
 one elementwise loop (see ``noise.py``). XLA's CPU backend compiles such loops
 for 256-bit vectors even on CPUs with 512-bit AVX-512 units, to avoid the
 lower clock some of those CPUs run at under 512-bit instructions. For this
-loop the wider vectors win: on a 2-core AVX-512 Xeon the 4M-parameter plain
-step takes about 0.7x as long (see the benchmarks page).
+loop the wider vectors can win: on one 2-core AVX-512 Xeon the 4M-parameter
+plain step took about 0.7x as long, though on another it took 1.07x to 1.09x
+as long (see the benchmarks page). Which it is depends on the CPU.
 
 The setting is a per-program compiler option, so it can be passed to the one
 ``jax.jit`` that compiles the step without touching the rest of the process
@@ -54,7 +55,7 @@ def _accepted(platform_name: str, options: tuple) -> bool:
 
 
 def compiler_options(backend: str | None = None) -> dict:
-    """XLA compiler options that make the sampler's step faster on ``backend``.
+    """XLA compiler options that can make the sampler's step faster on ``backend``.
 
     Pass them to the ``jax.jit`` that compiles your training or sampling step::
 
@@ -66,7 +67,9 @@ def compiler_options(backend: str | None = None) -> dict:
     for 512-bit instead of 256-bit registers. On other backends and CPUs, and
     with a jaxlib that does not know the option, it is ``{}``, which
     ``jax.jit`` treats as no options. The option changes only the speed: the
-    step's results are bitwise equal with and without it.
+    step's results are bitwise equal with and without it. Whether the speed
+    gets better depends on the CPU (0.7x the step's time on one AVX-512 Xeon,
+    about 1.08x on another), so time your step both ways.
 
     Args:
       backend: the platform the step will run on (``"cpu"``, ``"gpu"``,
