@@ -116,6 +116,23 @@ def test_overhead_rows_compare_the_work_alone_with_the_budget():
     assert "allows" not in run._why("metrics", row, None, {}, {"parts": {}})
 
 
+def test_options_rows_say_whether_the_options_helped():
+    # 512-bit vectors speed up the step on some CPUs and slow it on others:
+    # the page says which, from the run's own times.
+    run = load_benchmark("run")
+    row = {"modes": {"plain": {"ours_ms": 7.0, "ours_wide_ms": 8.0},
+                     "metrics": {"ours_ms": 20.0, "ours_wide_ms": 18.0},
+                     "sketch": {"ours_ms": 30.0, "ours_wide_ms": 28.0}},
+           "floor_wide_ms": 1.5}
+    why = run._why("metrics wide", row, None, {}, None)
+    assert "+10 ms over the plain step (8 ms) compiled the same way" in why
+    assert "plain step is slower (8 vs 7 ms)" in why
+    assert "this one faster (18 vs 20 ms)" in why
+    why = run._why("floor wide", row, None, {}, None)
+    assert why.startswith("plain step 8 ms vs 1.5 ms without noise")
+    assert "slower (8 vs 7 ms)" in why
+
+
 @pytest.mark.skipif(sys.platform != "linux",
                     reason="counts pages the Linux kernel maps afresh")
 def test_page_faults_are_counted_per_step():
