@@ -284,6 +284,21 @@ def test_native_falls_back_where_the_kernel_does_not_apply(case):
     assert_state_close(s, s_x)
 
 
+@pytest.mark.parametrize("platform,kernel", [
+    ("cpu", True), ("cuda", False), ("rocm", False), ("tpu", False)])
+def test_native_cpu_lowers_for_other_platforms_without_the_kernel(platform,
+                                                                  kernel):
+    # The kernel is registered for CPU only: a program lowered for an
+    # accelerator (native_cpu=True in code that also runs on a GPU) must
+    # take the XLA step, or it would not compile there.
+    params, grads, _ = make(9, {"a": (30, 20), "b": (20,)})
+    tx = so.sgld(LR, nbeta=NBETA, localization=1.0, save_metrics=True,
+                 sketch_dim=8, key=1, native_cpu=True)
+    traced = jax.jit(tx.update).trace(grads, tx.init(params), params)
+    text = traced.lower(lowering_platforms=(platform,)).as_text()
+    assert (cpu_kernel._TARGET in text) is kernel
+
+
 def test_native_takes_leaves_without_gradients():
     # optax passes None for leaves it does not train (e.g. set_to_zero).
     params, grads, _ = make(8, {"a": (300, 5), "b": (7,)})
