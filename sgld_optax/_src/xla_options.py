@@ -6,7 +6,7 @@ one elementwise loop (see ``noise.py``). XLA's CPU backend compiles such loops
 for 256-bit vectors even on CPUs with 512-bit AVX-512 units, to avoid the
 lower clock some of those CPUs run at under 512-bit instructions. For this
 loop the wider vectors can win: on one 2-core AVX-512 Xeon the 4M-parameter
-plain step took about 0.7x as long, though on another it took 1.07x to 1.09x
+plain step took about 0.7x as long, though on another it took 1.06x to 1.12x
 as long (see the benchmarks page). Which it is depends on the CPU.
 
 The setting is a per-program compiler option, so it can be passed to the one
@@ -69,7 +69,7 @@ def compiler_options(backend: str | None = None) -> dict:
     ``jax.jit`` treats as no options. The option changes only the speed: the
     step's results are bitwise equal with and without it. Whether the speed
     gets better depends on the CPU (0.7x the step's time on one AVX-512 Xeon,
-    about 1.08x on another), so time your step both ways.
+    1.06x to 1.12x on another), so time your step both ways.
 
     Args:
       backend: the platform the step will run on (``"cpu"``, ``"gpu"``,
