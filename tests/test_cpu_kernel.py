@@ -284,9 +284,9 @@ def test_native_falls_back_where_the_kernel_does_not_apply(case):
     assert_state_close(s, s_x)
 
 
-@pytest.mark.parametrize("platform,kernel", [
+@pytest.mark.parametrize("backend,kernel", [
     ("cpu", True), ("cuda", False), ("rocm", False), ("tpu", False)])
-def test_native_cpu_lowers_for_other_platforms_without_the_kernel(platform,
+def test_native_cpu_lowers_for_other_platforms_without_the_kernel(backend,
                                                                   kernel):
     # The kernel is registered for CPU only: a program lowered for an
     # accelerator (native_cpu=True in code that also runs on a GPU) must
@@ -295,7 +295,7 @@ def test_native_cpu_lowers_for_other_platforms_without_the_kernel(platform,
     tx = so.sgld(LR, nbeta=NBETA, localization=1.0, save_metrics=True,
                  sketch_dim=8, key=1, native_cpu=True)
     traced = jax.jit(tx.update).trace(grads, tx.init(params), params)
-    text = traced.lower(lowering_platforms=(platform,)).as_text()
+    text = traced.lower(lowering_platforms=(backend,)).as_text()
     assert (cpu_kernel._TARGET in text) is kernel
 
 
