@@ -28,18 +28,24 @@ _WIDE_VECTORS = {"xla_cpu_prefer_vector_width": 512}
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_has_avx512() -> bool:
-    """Whether this host's CPU reports AVX-512F (read from /proc/cpuinfo)."""
+def _cpu_flags() -> frozenset:
+    """The feature flags an x86-64 host's CPU reports in /proc/cpuinfo
+    (``avx2``, ``avx512f``, ...); empty elsewhere or where it can't be read."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "avx512f" in line.split()
+                    return frozenset(line.split(":", 1)[-1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def _cpu_has_avx512() -> bool:
+    """Whether this host's CPU reports AVX-512F (read from /proc/cpuinfo)."""
+    return "avx512f" in _cpu_flags()
 
 
 @functools.lru_cache(maxsize=None)
