@@ -160,3 +160,103 @@ def platform_dependent(*args, **branches):
 
     return jax.lax.platform_dependent(
         *args, **{name: typed(b) for name, b in branches.items()})
+
+
+def is_python_zero(value) -> bool:
+    """Whether ``value`` is a literal Python or NumPy 0 (so a term can be left out)."""
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool) and value == 0)
+
+
+def value_at(hparam, count):
+    """A hyperparameter's value at step ``count``: schedules are called."""
+    return hparam(count) if callable(hparam) else hparam
+
+
+def static_int(name: str, value):
+    """``value`` as a Python int (``None`` kept), or a TypeError naming ``name``."""
+    if value is None:
+        return None
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static int; with optax.inject_hyperparams pass "
+            f"static_args=('key', 'sketch_dim', 'sketch_seed').")
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
+    arr = np.asarray(value)
+    if arr.shape != () or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
+    return int(arr)
+
+
+def check_bool(name: str, value):
+    """Raises a TypeError naming ``name`` unless ``value`` is a bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}.")
+
+
+def flatten_like(treedef, tree, name: str) -> list:
+    """The subtrees of ``tree`` at the leaves of ``treedef`` (``None`` kept)."""
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{name} must have the structure of params: params is {treedef}, "
+            f"{name} is {jax.tree_util.tree_structure(tree)}.") from err
+
+
+def check_shapes_like(tree, params, name: str) -> list:
+    """Checks that ``tree`` has the structure and leaf shapes of ``params``.
+
+    Returns:
+      The leaves of ``tree``, in the order of the params' leaves.
+
+    Raises:
+      ValueError: naming every leaf whose shape differs.
+    """
+    p_paths, p_def = jax.tree_util.tree_flatten_with_path(params)
+    leaves = flatten_like(p_def, tree, name)
+    problems = []
+    for (path, p), m in zip(p_paths, leaves):
+        shape = np.shape(m)
+        if shape != np.shape(p):
+            problems.append(f"{jax.tree_util.keystr(path) or '<root>'}: {name} "
+                            f"shape {shape}, param shape {np.shape(p)}")
+    if problems:
+        raise ValueError(f"{name} shapes do not match params:\n  "
+                         + "\n  ".join(problems))
+    return leaves
+
+
+def check_floating(params, sampler: str):
+    """Raises a TypeError naming every leaf of params that is not a float."""
+    bad = [f"{jax.tree_util.keystr(path) or '<root>'}: {jnp.result_type(x)}"
+           for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+           if not jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    if bad:
+        raise TypeError(f"{sampler} samples floating-point params only; these "
+                        "leaves are not:\n  " + "\n  ".join(bad))
+
+
+def check_mask(mask):
+    """Checks a mask's leaves are bools or 0/1 numbers (shapes: at init)."""
+    if mask is None:
+        return
+    for leaf in jax.tree_util.tree_leaves(mask):
+        dt = (leaf.dtype if isinstance(leaf, jax.core.Tracer)
+              else np.asarray(leaf).dtype)
+        if not (dt == bool or np.issubdtype(dt, np.number)):
+            raise TypeError(
+                f"mask leaves must be bool or 0/1 numbers, got {dt}.")
+        if (not isinstance(leaf, jax.core.Tracer)
+                and not np.isin(np.asarray(leaf), (0, 1)).all()):
+            raise ValueError(
+                "mask values must be 0 or 1 (or bools): a mask restricts "
+                "which elements move, it does not scale them.")
+
+
+MISSING_KEY = (
+    "{sampler} needs key=: an int seed or a JAX PRNG key for its noise. "
+    "There is no default because two samplers built without one would draw "
+    "the same noise (two partitions of optax.multi_transform, or two chains); "
+    "give each sampler and each chain its own key.")

@@ -74,113 +74,79 @@ class Metrics(NamedTuple):
                    numel=jnp.zeros((), jnp.int32))
 
 
-def metrics_from_bases(bases, scales, numel) -> Metrics:
-    """Computes :class:`Metrics` from the unscaled vectors of a step.
+SKETCHED = ("scaled_grad", "unscaled_grad", "localization", "weight_decay",
+            "noise")
 
-    Every component is a scalar multiple of a masked base vector:
-    :math:`g = a_g\\, m\\odot\\nabla L`, :math:`\\ell = a_\\ell\\, m\\odot(w -
-    w_0)`, :math:`d = a_d\\, m\\odot w` and :math:`\\xi = a_\\xi\\, m\\odot
-    \\eta`. Norms and dot products are taken from the sums of products of the
-    base vectors and scaled afterwards, so no scaled component is ever
-    formed: e.g. :math:`\\|g\\| = |a_g| \\sqrt{\\sum (m \\nabla L)^2}` and
-    :math:`\\langle g, \\xi\\rangle = a_g a_\\xi \\sum m \\nabla L\\, \\eta`.
-    The displacement's squared norm serves both ``distance`` and
-    ``localization``.
+
+def _sums_of_products(vectors, pairs) -> dict:
+    """float32 sums over all leaves of the products of each pair of vectors.
 
     Args:
-      bases: sequence over leaves of ``(grad, distance, weight, noise)``:
-        the masked :math:`\\nabla L`, :math:`w - w_0`, :math:`w` and
-        :math:`\\eta`; ``None`` stands for a vector that is not needed or
-        identically zero (``weight`` is used only with weight decay).
-      scales: ``(a_g, a_loc, a_wd, a_noise)`` scalars; ``a_loc`` and
-        ``a_wd`` are ``None`` when that term is absent.
+      vectors: per leaf, a dict from vector key to array.
+      pairs: the unordered pairs of keys, as ``frozenset``s (one element for a
+        square).
+
+    Returns:
+      A dict from each pair to its float32 scalar sum.
+    """
+    sums = {pair: jnp.zeros((), jnp.float32) for pair in pairs}
+    for vecs in vectors:
+        for pair in pairs:
+            a, b = (tuple(pair) * 2)[:2]
+            sums[pair] += jnp.sum(vecs[a].astype(jnp.float32)
+                                  * vecs[b].astype(jnp.float32))
+    return sums
+
+
+def metrics_from_components(components: dict, vectors, numel) -> Metrics:
+    """Computes :class:`Metrics` from a step's named components.
+
+    Each component is a sum of scalar multiples of unscaled vectors,
+    $c = \\sum_i a_i v_i$. Norms and dot products are taken from the sums
+    of products of the vectors over all leaves and scaled afterwards, so no
+    scaled component is formed: $\\langle c, c' \\rangle = \\sum_{i,j} a_i
+    a'_j \\langle v_i, v'_j \\rangle$. Vectors shared by several components
+    (for SGLD, the gradient of `scaled_grad` and `unscaled_grad`, the
+    displacement of `localization` and `distance`) are summed once.
+
+    Args:
+      components: a dict from component name (`scaled_grad`,
+        `unscaled_grad`, `localization`, `weight_decay`, `noise`,
+        `distance`) to a list of ``(float32 scale, vector key)``; an empty
+        list is a zero component.
+      vectors: per leaf, a dict from vector key to array.
       numel: the number of unmasked parameters (int or int32 scalar).
 
     Returns:
       The step's :class:`Metrics`, accumulated in float32.
     """
-    return metrics_from_sums(sums_of_products(bases, needed_pairs(scales)),
-                             scales, numel)
+    prior = components["localization"] + components["weight_decay"]
+    wanted = [(c, c) for c in (components[n] for n in NORM_FIELDS)]
+    wanted += [(components["scaled_grad"], prior),
+               (components["scaled_grad"], components["noise"]),
+               (prior, components["noise"])]
+    pairs = list(dict.fromkeys(frozenset((ka, kb)) for ca, cb in wanted
+                               for _, ka in ca for _, kb in cb))
+    sums = _sums_of_products(vectors, pairs)
 
-
-def needed_pairs(scales) -> list:
-    """The pairs of base vectors whose sums of products the metrics read.
-
-    Args:
-      scales: ``(a_g, a_loc, a_wd, a_noise)`` as in :func:`metrics_from_bases`.
-
-    Returns:
-      A list of pairs of names among ``"g"`` (gradient), ``"d"``
-      (displacement), ``"w"`` (weight) and ``"e"`` (noise).
-    """
-    pairs = [("g", "g"), ("d", "d"), ("e", "e"), ("g", "e")]
-    if scales[1] is not None:
-        pairs += [("g", "d"), ("d", "e")]
-    if scales[2] is not None:
-        pairs += [("w", "w"), ("g", "w"), ("w", "e")]
-    return pairs
-
-
-def sums_of_products(bases, pairs) -> dict:
-    """float32 sums :math:`\\sum_i a_i b_i` over all leaves, per pair ``(a, b)``.
-
-    Args:
-      bases: as in :func:`metrics_from_bases`.
-      pairs: pairs of names among ``"g"``, ``"d"``, ``"w"``, ``"e"``.
-
-    Returns:
-      A dict from each pair to its float32 scalar sum (0 where a vector is
-      ``None``).
-    """
-    sums = {pair: jnp.zeros((), jnp.float32) for pair in pairs}
-    for g, d, w, e in bases:
-        vec = dict(g=g, d=d, w=w, e=e)
-        for a, b in pairs:
-            if vec[a] is not None and vec[b] is not None:
-                sums[a, b] += jnp.sum(vec[a].astype(jnp.float32)
-                                      * vec[b].astype(jnp.float32))
-    return sums
-
-
-def metrics_from_sums(sums, scales, numel) -> Metrics:
-    """:class:`Metrics` from the sums of products of the base vectors.
-
-    Args:
-      sums: a dict with a float32 scalar for each pair of
-        :func:`needed_pairs` of ``scales``.
-      scales: as in :func:`metrics_from_bases`.
-      numel: the number of unmasked parameters (int or int32 scalar).
-
-    Returns:
-      The step's :class:`Metrics`.
-    """
-    a_g, a_loc, a_wd, a_xi = (None if a is None
-                              else jnp.asarray(a, jnp.float32)
-                              for a in scales)
-    zero = jnp.zeros((), jnp.float32)
-
-    def norm(scale, v):
-        return zero if scale is None else jnp.abs(scale) * jnp.sqrt(sums[v, v])
-
-    def prior_dot(v):  # <prior, base vector v>
-        out = zero
-        if a_loc is not None:
-            out += a_loc * sums.get((v, "d"), sums.get(("d", v)))
-        if a_wd is not None:
-            out += a_wd * sums.get((v, "w"), sums.get(("w", v)))
+    def dot(ca, cb):
+        out = jnp.zeros((), jnp.float32)
+        for a, ka in ca:
+            for b, kb in cb:
+                out += (a * b) * sums[frozenset((ka, kb))]
         return out
 
-    sg = norm(a_g, "g")
+    def norm(c):
+        if len(c) == 1:  # |a| sqrt(<v, v>): no cancellation to round away
+            a, k = c[0]
+            return jnp.abs(a) * jnp.sqrt(sums[frozenset((k, k))])
+        return jnp.sqrt(jnp.maximum(dot(c, c), 0.0))
+
     return Metrics(
-        scaled_grad=sg,
-        unscaled_grad=sg,
-        localization=norm(a_loc, "d"),
-        weight_decay=norm(a_wd, "w"),
-        noise=norm(a_xi, "e"),
-        distance=jnp.sqrt(sums["d", "d"]),
-        dot_grad_prior=a_g * prior_dot("g"),
-        dot_grad_noise=a_g * a_xi * sums["g", "e"],
-        dot_prior_noise=a_xi * prior_dot("e"),
+        **{n: norm(components[n]) for n in NORM_FIELDS},
+        dot_grad_prior=dot(components["scaled_grad"], prior),
+        dot_grad_noise=dot(components["scaled_grad"], components["noise"]),
+        dot_prior_noise=dot(prior, components["noise"]),
         numel=jnp.asarray(numel, jnp.int32),
     )
 
