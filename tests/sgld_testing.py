@@ -102,3 +102,50 @@ def reference_step_noise(state_key, leaves, dtypes=None):
     dtypes = dtypes or [jnp.float32] * len(leaves)
     return [reference_normal(jax.random.fold_in(step_key, i), np.shape(p), dt)
             for i, (p, dt) in enumerate(zip(leaves, dtypes))]
+
+
+def reference_noise_schedule(key, leaves, steps, dtypes=None):
+    """The standard normals of ``steps`` consecutive steps, as float32.
+
+    Entry ``[t][i]`` is the noise of leaf ``i`` at step ``t`` of a sampler
+    whose state holds ``key`` before its first step (the state's key becomes
+    ``jax.random.split(key)[0]`` after each step).
+    """
+    out = []
+    for _ in range(steps):
+        out.append([np.asarray(eta, np.float32)
+                    for eta in reference_step_noise(key, leaves, dtypes)])
+        key = jax.random.split(key)[0]
+    return out
+
+
+def queue_torch_normal(monkeypatch, torch_module):
+    """Replaces ``torch.normal`` by draws from a queue of given noise.
+
+    Returns the (initially empty) list the fake pops its standard normals
+    from, first in first out; each call returns the next array, reshaped to
+    ``size`` and multiplied by ``std``, as a float32 tensor. Extend the
+    list with the noise of a step before devinterp takes it.
+    """
+    queue = []
+
+    def fake_normal(mean, std, size, device=None, generator=None):
+        del device, generator
+        z = torch_module.tensor(np.asarray(queue.pop(0), np.float32))
+        return mean + z.reshape(size) * std
+
+    monkeypatch.setattr(torch_module, "normal", fake_normal)
+    return queue
+
+
+def count_sketch_reference(hash_indices, hash_signs, output_dim, vectors):
+    """The count sketch of the concatenated flattened ``vectors``, in float64.
+
+    ``S[j] = sum over i with hash_indices[i] == j of hash_signs[i] * v[i]``.
+    """
+    v = np.concatenate([np.asarray(x, np.float64).reshape(-1)
+                        for x in vectors])
+    out = np.zeros(output_dim, np.float64)
+    np.add.at(out, np.asarray(hash_indices, np.int64),
+              np.asarray(hash_signs, np.float64) * v)
+    return out

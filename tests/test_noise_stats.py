@@ -544,11 +544,11 @@ def test_sgld_sketches_are_sketches_of_the_components(kind):
 
 
 def test_prebuilt_sketch_must_match_the_number_of_params():
-    tx = so.sgld(1e-2, nbeta=4.0, sketch=so.CountSketch(10, 4))
+    tx = so.sgld(1e-2, nbeta=4.0, sketch=so.CountSketch(10, 4), key=0)
     with pytest.raises(ValueError, match="input_dim"):
         tx.init({"a": jnp.zeros((3, 4))})
     with pytest.raises(ValueError, match="sketch_dim"):
-        so.sgld(1e-2, nbeta=4.0, sketch=so.CountSketch(12, 4), sketch_dim=5)
+        so.sgld(1e-2, nbeta=4.0, sketch=so.CountSketch(12, 4), sketch_dim=5, key=0)
     with pytest.raises(ValueError, match="output_dim must be < 2"):
         so.CountSketch(12, 2**30)
 
