@@ -158,8 +158,8 @@ def transformation(
     use_box = bounding_box_size is not None
     observing = save_metrics or sketching
     keep_initial = (terms_lib.needs_initial(priors) or use_box or observing)
-    centers = [p.center for p in priors if p.center is not None
-               and not (isinstance(p.center, str))]
+    centers = [p.center for p in priors
+               if p.center is not None and not isinstance(p.center, str)]
     extra_fields = preconditioner.fields + dynamics.fields
 
     def get_sketch(total: int) -> CountSketch:
@@ -319,13 +319,14 @@ def transformation(
                           for v in momenta)
             target = (jnp.asarray(noise_level, jnp.float32) ** 2
                       * jnp.asarray(lr, jnp.float32) * 0.5)
-            new_fields["thermostat"] = (
-                fields["thermostat"]
-                + kinetic / jnp.asarray(numel, jnp.float32) - target)
+            # With every element masked there is no kinetic energy to read.
+            d = jnp.maximum(jnp.asarray(numel, jnp.float32), 1.0)
+            new_fields["thermostat"] = fields["thermostat"] + kinetic / d - target
 
         new_metrics, new_sketch = state.metrics, state.sketch
         if observing:
-            comps = components(terms, factors, lr, nb, noise_level,
+            preconditioned = any(f is not None for f in factors.drift)
+            comps = components(terms, preconditioned, lr, nb, noise_level,
                                noise_mult, keep_initial)
             if save_metrics:
                 new_metrics = metrics_lib.metrics_from_components(
@@ -352,7 +353,7 @@ def transformation(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def components(terms, factors, lr, nb, noise_level, noise_mult,
+def components(terms, preconditioned: bool, lr, nb, noise_level, noise_mult,
                has_displacement) -> dict:
     """The step's named components, each a list of ``(scale, vector key)``.
 
@@ -361,8 +362,7 @@ def components(terms, factors, lr, nb, noise_level, noise_mult,
     """
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     half_lr = f32(lr) * 0.5
-    f_drift = factors.drift[0] if factors.drift else None
-    f_noise = factors.noise[0] if factors.noise else None
+    f_drift = f_noise = True if preconditioned else None
     out = {"scaled_grad": [], "localization": [], "weight_decay": []}
     for t in terms:
         out[t.component].append((half_lr * f32(t.coef),

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
 
-import jax
-import numpy as np
-
 from sgld_optax._src import base
 
 # Base vectors, per leaf; "center{k}" is w - c_k for the k-th prior with a
@@ -120,21 +117,6 @@ def drift_terms(nbeta, priors: Sequence[GaussianPrior]) -> list[Term]:
             terms.append(Term("localization", prior.precision, f"center{k}"))
             k += 1
     return terms
-
-
-def center_leaves(priors: Sequence[GaussianPrior], params) -> list[list]:
-    """Per leaf of ``params``, the centres of the priors with a given centre.
-
-    Raises:
-      ValueError: if a centre's structure or shapes differ from the params'.
-    """
-    leaves = jax.tree_util.tree_leaves(params)
-    given = [p.center for p in priors
-             if p.center is not None and not _is_initial(p.center)]
-    per_prior = [base.check_shapes_like(c, params, "prior center")
-                 for c in given]
-    return [[np.asarray(c[i]) if not isinstance(c[i], jax.Array) else c[i]
-             for c in per_prior] for i in range(len(leaves))]
 
 
 def base_vector(name: str, w, g, w0, centers):
