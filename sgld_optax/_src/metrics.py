@@ -1,20 +1,22 @@
-"""Norms and dot products of the components of an SGLD update.
+r"""Norms and dot products of the components of a sampler's step.
 
-One SGLD step moves the parameters by
+A step of any sampler of the family (see `core/step.py`) is built from
+named components: for SGLD, with mask $m$ and $\eta \sim N(0, I)$,
 
-.. math::
+$$
+\Delta w = -(g + \ell + d) + \xi, \qquad
+g = \tfrac{\epsilon}{2} n\beta\, m \odot \nabla L, \quad
+\ell = \tfrac{\epsilon}{2} \gamma\, m \odot (w - w_0), \quad
+d = \tfrac{\epsilon}{2} \lambda\, m \odot w, \quad
+\xi = \sqrt{\epsilon}\, \sigma\, m \odot \eta;
+$$
 
-    \\Delta w = -(g + \\ell + d) + \\xi, \\qquad
-    g = \\tfrac{\\epsilon}{2} n\\beta\\, m \\odot \\nabla L, \\quad
-    \\ell = \\tfrac{\\epsilon}{2} \\gamma\\, m \\odot (w - w_0), \\quad
-    d = \\tfrac{\\epsilon}{2} \\lambda\\, m \\odot w, \\quad
-    \\xi = \\sqrt{\\epsilon}\\, \\sigma\\, m \\odot \\eta,
-
-with :math:`\\eta \\sim N(0, I)` and :math:`m` the mask. :class:`Metrics`
-records the L2 norm of each component of the last step, of the displacement
-:math:`m \\odot (w - w_0)` before that step, and the dot products between the
-gradient, the prior :math:`\\ell + d` and the noise. Everything is accumulated
-in float32 whatever the parameters' dtype.
+RMSprop-SGLD multiplies $g$, $\ell$ and $d$ by its preconditioner $G$ and
+$\xi$ by $\sqrt{G}$; SGHMC and SGNHT use the same terms in their momentum's
+update. `Metrics` records the L2 norm of each component of the last step, of
+the displacement $m \odot (w - w_0)$ before that step, and the dot products
+between the gradient, the prior $\ell + d$ and the noise. Everything is
+accumulated in float32 whatever the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -30,21 +32,26 @@ DOT_FIELDS = ("dot_grad_prior", "dot_grad_noise", "dot_prior_noise")
 
 
 class Metrics(NamedTuple):
-    """Norms and dot products of the last SGLD step's components.
+    r"""Norms and dot products of the last step's components.
 
     Every field is a float32 scalar (an array with a leading chain axis when
-    the sampler is vmapped), except ``numel``, an int32 count.
+    the sampler is vmapped), except `numel`, an int32 count. For SGLD, with
+    the components of the module docstring:
 
     Attributes:
-      scaled_grad: :math:`\\|\\tfrac{\\epsilon}{2} n\\beta\\, m\\odot\\nabla L\\|_2`.
-      unscaled_grad: the same as ``scaled_grad``: SGLD has no preconditioner.
-      localization: :math:`\\|\\tfrac{\\epsilon}{2}\\gamma\\, m\\odot(w-w_0)\\|_2`.
-      weight_decay: :math:`\\|\\tfrac{\\epsilon}{2}\\lambda\\, m\\odot w\\|_2`.
-      noise: :math:`\\|\\sqrt{\\epsilon}\\,\\sigma\\, m\\odot\\eta\\|_2`.
-      distance: :math:`\\|m\\odot(w - w_0)\\|_2`, before the step.
-      dot_grad_prior: :math:`\\langle g, \\ell + d\\rangle`.
-      dot_grad_noise: :math:`\\langle g, \\xi\\rangle`.
-      dot_prior_noise: :math:`\\langle \\ell + d, \\xi\\rangle`.
+      scaled_grad: $\|g\|_2 = \|\tfrac{\epsilon}{2} n\beta\, m\odot G\odot\nabla L\|_2$
+        ($G = 1$ but for RMSprop-SGLD).
+      unscaled_grad: $\|\tfrac{\epsilon}{2} n\beta\, m\odot\nabla L\|_2$,
+        without the preconditioner: equal to `scaled_grad` but for
+        RMSprop-SGLD.
+      localization: $\|\ell\|_2$, the priors not centred at 0 (for SGLD
+        $\|\tfrac{\epsilon}{2}\gamma\, m\odot(w-w_0)\|_2$).
+      weight_decay: $\|d\|_2 = \|\tfrac{\epsilon}{2}\lambda\, m\odot G \odot w\|_2$.
+      noise: $\|\xi\|_2$ (for SGLD $\|\sqrt{\epsilon}\,\sigma\, m\odot\eta\|_2$).
+      distance: $\|m\odot(w - w_0)\|_2$, before the step.
+      dot_grad_prior: $\langle g, \ell + d\rangle$.
+      dot_grad_noise: $\langle g, \xi\rangle$.
+      dot_prior_noise: $\langle \ell + d, \xi\rangle$.
       numel: number of sampled (unmasked) parameters.
     """
 
@@ -61,8 +68,8 @@ class Metrics(NamedTuple):
 
     @property
     def prior(self) -> jax.Array:
-        """Norm of the whole prior term, :math:`\\|\\ell + d\\|` taken as
-        :math:`\\sqrt{\\|\\ell\\|^2 + \\|d\\|^2}` (the reference's convention)."""
+        r"""Norm of the whole prior term, $\|\ell + d\|$ taken as
+        $\sqrt{\|\ell\|^2 + \|d\|^2}$ (devinterp's convention)."""
         return jnp.sqrt(jnp.square(self.localization)
                         + jnp.square(self.weight_decay))
 
@@ -83,7 +90,7 @@ def _sums_of_products(vectors, pairs) -> dict:
 
     Args:
       vectors: per leaf, a dict from vector key to array.
-      pairs: the unordered pairs of keys, as ``frozenset``s (one element for a
+      pairs: the unordered pairs of keys, as `frozenset`s (one element for a
         square).
 
     Returns:
@@ -99,7 +106,7 @@ def _sums_of_products(vectors, pairs) -> dict:
 
 
 def metrics_from_components(components: dict, vectors, numel) -> Metrics:
-    """Computes :class:`Metrics` from a step's named components.
+    """Computes `Metrics` from a step's named components.
 
     Each component is a sum of scalar multiples of unscaled vectors,
     $c = \\sum_i a_i v_i$. Norms and dot products are taken from the sums
@@ -112,13 +119,13 @@ def metrics_from_components(components: dict, vectors, numel) -> Metrics:
     Args:
       components: a dict from component name (`scaled_grad`,
         `unscaled_grad`, `localization`, `weight_decay`, `noise`,
-        `distance`) to a list of ``(float32 scale, vector key)``; an empty
+        `distance`) to a list of `(float32 scale, vector key)`; an empty
         list is a zero component.
       vectors: per leaf, a dict from vector key to array.
       numel: the number of unmasked parameters (int or int32 scalar).
 
     Returns:
-      The step's :class:`Metrics`, accumulated in float32.
+      The step's `Metrics`, accumulated in float32.
     """
     prior = components["localization"] + components["weight_decay"]
     wanted = [(c, c) for c in (components[n] for n in NORM_FIELDS)]
@@ -154,18 +161,18 @@ def metrics_from_components(components: dict, vectors, numel) -> Metrics:
 def aggregate(metrics: Iterable[Metrics]) -> Metrics:
     """Combines metrics of disjoint parameter sets into one.
 
-    Norms combine as :math:`\\sqrt{\\sum_i \\|a_i\\|^2}`; dot products and
-    ``numel`` add up.
+    Norms combine as $\\sqrt{\\sum_i \\|a_i\\|^2}$; dot products and
+    `numel` add up.
 
     Args:
       metrics: the metrics to combine, each possibly with leading batch axes
         (broadcast against each other).
 
     Returns:
-      The combined :class:`Metrics`.
+      The combined `Metrics`.
 
     Raises:
-      ValueError: if ``metrics`` is empty.
+      ValueError: if `metrics` is empty.
     """
     metrics = list(metrics)
     if not metrics:

@@ -1,4 +1,4 @@
-"""Count sketches of SGLD update components.
+"""Count sketches of a sampler's update components.
 
 A count sketch maps a vector :math:`v \\in \\mathbb{R}^d` to
 :math:`S v \\in \\mathbb{R}^k` through a bucket hash :math:`h: [d] \\to [k]`
@@ -102,11 +102,12 @@ def _scatter_add_windows(buffer, index, values):
 
 
 class SketchBuffer(NamedTuple):
-    """Count sketches of the five components of the last SGLD step.
+    """Count sketches of the five components of the last step.
 
-    Each field is a float32 array of shape ``(sketch_dim,)`` (with leading
-    chain axes when vmapped). The components are the ones of
-    :class:`sgld_optax.Metrics`; ``unscaled_grad`` equals ``scaled_grad``.
+    Each field is a float32 array of shape `(sketch_dim,)` (with leading
+    chain axes when vmapped). The components are the ones of `Metrics`;
+    `unscaled_grad` equals `scaled_grad` but for preconditioned samplers
+    (`rmsprop_sgld`).
     """
 
     scaled_grad: jax.Array

@@ -16,22 +16,22 @@ from sgld_optax._src.sketch import SketchBuffer
 
 
 def default_nbeta(batch_size: Any, gradient_accumulation_steps: int = 1) -> float:
-    """The default inverse temperature :math:`n\\beta = m / \\log m`.
+    r"""The default inverse temperature $n\beta = m / \log m$.
 
-    :math:`m` is the number of samples behind one gradient, ``batch_size``
-    times ``gradient_accumulation_steps``. Where :math:`m \\le 1` the value is
+    $m$ is the number of samples behind one gradient, `batch_size`
+    times `gradient_accumulation_steps`. Where $m \le 1$ the value is
     undefined and 1 is returned with a warning.
 
     Args:
-      batch_size: an int, or an object with an int ``batch_size`` attribute
-        (such as a ``torch.utils.data.DataLoader``).
+      batch_size: an int, or an object with an int `batch_size` attribute
+        (such as a `torch.utils.data.DataLoader`).
       gradient_accumulation_steps: number of batches accumulated per step.
 
     Returns:
-      :math:`m / \\log m` as a Python float.
+      $m / \log m$ as a Python float.
 
     Raises:
-      TypeError: if ``batch_size`` is neither an int nor has ``batch_size``.
+      TypeError: if `batch_size` is neither an int nor has `batch_size`.
 
     Example:
       >>> import sgld_optax as so
@@ -57,24 +57,24 @@ def default_nbeta(batch_size: Any, gradient_accumulation_steps: int = 1) -> floa
 
 
 def get_metrics(opt_state: optax.OptState) -> Metrics:
-    """The :class:`Metrics` of the last step, from any optax state.
+    """The `Metrics` of the last step, from any optax state.
 
     Finds the state of every sampler (`sgld`, `rmsprop_sgld`, `sghmc`,
-    `sgnht`) inside ``opt_state`` (through
-    ``optax.chain``, ``masked``, ``multi_transform``, ``apply_if_finite``,
-    ``inject_hyperparams``, ``MultiSteps``...) and combines them as one
+    `sgnht`) inside `opt_state` (through
+    `optax.chain`, `masked`, `multi_transform`, `apply_if_finite`,
+    `inject_hyperparams`, `MultiSteps`...) and combines them as one
     parameter vector: norms as the root of summed squares, dot products and
-    ``numel`` summed.
+    `numel` summed.
 
     Args:
       opt_state: an optax state containing at least one sampler state.
 
     Returns:
-      The combined :class:`Metrics`.
+      The combined `Metrics`.
 
     Raises:
       ValueError: if there is no sampler state, or one was built without
-        ``save_metrics=True``.
+        `save_metrics=True`.
     """
     states = step_lib.find_states(opt_state)
     if not states:
@@ -88,14 +88,14 @@ def get_metrics(opt_state: optax.OptState) -> Metrics:
 
 
 def get_sketches(opt_state: optax.OptState) -> SketchBuffer:
-    """The :class:`SketchBuffer` of the last step, from any optax state.
+    """The `SketchBuffer` of the last step, from any optax state.
 
     Args:
       opt_state: an optax state containing exactly one sampler state that
         sketches.
 
     Returns:
-      The :class:`SketchBuffer`.
+      The `SketchBuffer`.
 
     Raises:
       ValueError: if no sampler state sketches, or several do (their sketches
