@@ -79,6 +79,13 @@ def sgnht(
     The momentum starts at 0. With a bounding box, $w + v$ is clamped as in
     `sgld` and $v$ becomes the step taken.
 
+    Like the paper's algorithm, the thermostat holds the kinetic energy at
+    its continuous-time value $\sigma^2\epsilon/2$, while the discretised
+    chain is at temperature $\sigma^2$ for $\sigma^2\epsilon/(2 - \bar\zeta)$:
+    the sampled variance is low by a relative $\bar\zeta/2$ or so, for the
+    thermostat's mean $\bar\zeta$ (0.5% at the default diffusion factor,
+    5% at 0.1). Keep `diffusion_factor` small.
+
     devinterp's `SGMCMC.sgnht` never applies its thermostat (it takes SGLD
     steps with noise scaled by $\sqrt{2a}$); this one does.
 
