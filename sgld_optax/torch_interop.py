@@ -1,9 +1,10 @@
 """Interoperability with PyTorch and devinterp.
 
-Convert PyTorch checkpoints to Flax params and back, move devinterp ``SGLD``
-optimizer state to :func:`sgld_optax.sgld` state and back, and rebuild
+Convert PyTorch checkpoints to Flax params and back, move the state of
+devinterp's `SGLD`, `SGMCMC.sgld` and `SGMCMC.rmsprop_sgld` optimizers to
+`sgld_optax.sgld` and `sgld_optax.rmsprop_sgld` state and back, and rebuild
 devinterp's count sketches. PyTorch is an optional dependency
-(``pip install 'sgld_optax[torch]'``); ``.safetensors`` files work without it.
+(`pip install 'sgld_optax[torch]'`); `.safetensors` files work without it.
 """
 
 from sgld_optax._src.torch_interop import CheckpointMismatchError

@@ -1,8 +1,10 @@
 """Tests of sgld_optax.torch_interop against PyTorch and devinterp 2.0.1."""
 
 import contextlib
+import functools
 import os
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -499,7 +501,7 @@ def _make_tx(**extra):
         return so.sgld(HP["lr"], nbeta=HP["nbeta"], noise_level=0.0,
                        weight_decay=HP["weight_decay"],
                        localization=HP["localization"],
-                       bounding_box_size=HP["bounding_box_size"], **extra)
+                       bounding_box_size=HP["bounding_box_size"], key=0, **extra)
 
 
 def _data():
@@ -605,7 +607,7 @@ def test_state_from_torch_checks_hyperparameters():
     with quiet_sampler_warnings():
         tx = so.sgld(optax.linear_schedule(0.0, 2 * HP["lr"], 10), nbeta=HP["nbeta"],
                      noise_level=0.0, weight_decay=HP["weight_decay"],
-                     localization=1.0, bounding_box_size=HP["bounding_box_size"])
+                     localization=1.0, bounding_box_size=HP["bounding_box_size"], key=0)
     ti.sgld_state_from_torch(opt.state_dict(), params, tx, module=model, count=5)
     with pytest.raises(ValueError, match="lr: "):
         ti.sgld_state_from_torch(opt.state_dict(), params, tx, module=model, count=4)
@@ -630,7 +632,7 @@ def test_state_to_torch_without_initial_params():
     model = torch_mlp()
     params = ti.params_from_torch(model)
     with quiet_sampler_warnings():
-        tx = so.sgld(1e-3, nbeta=2.0)
+        tx = so.sgld(1e-3, nbeta=2.0, key=0)
     state = tx.init(params)
     assert state.initial_params is None
     with pytest.raises(ValueError, match="params="):
@@ -639,6 +641,355 @@ def test_state_to_torch_without_initial_params():
     opt = devinterp_sgld(model.parameters(), lr=1e-3, nbeta=2.0)
     opt.load_state_dict(sd)
     _torch_steps(model, opt, 1)
+
+
+# ---------------------------------------------------------------------------
+# Sampler state: devinterp SGMCMC.sgld and SGMCMC.rmsprop_sgld
+# ---------------------------------------------------------------------------
+
+# RMSprop divides the step by sqrt(V) + eps, up to 1/eps = 10 times larger:
+# a smaller step and a wider box keep the chain off the box walls, so that
+# the running mean shapes the steps.
+SGMCMC_HP = {"sgld": HP,
+             "rmsprop_sgld": dict(HP, lr=2e-3, bounding_box_size=0.5)}
+RMS = dict(alpha=0.9, eps=0.1)
+STATE_TYPES = {"sgld": so.SGLDState, "rmsprop_sgld": so.RMSpropSGLDState}
+
+
+def devinterp_sgmcmc(sampler, params, **kwargs):
+    from devinterp.optim.sgmcmc import SGMCMC
+    if sampler == "rmsprop_sgld":
+        kwargs = dict(RMS, **kwargs)
+    with quiet_sampler_warnings():
+        return getattr(SGMCMC, sampler)(params, **kwargs)
+
+
+def _make_sampler_tx(sampler, **extra):
+    hp = dict(SGMCMC_HP[sampler])
+    hp.update(extra)
+    lr = hp.pop("lr")
+    if sampler == "rmsprop_sgld":
+        hp = dict(RMS, **hp)
+    with quiet_sampler_warnings():
+        return getattr(so, sampler)(lr, key=0, **hp)
+
+
+@functools.lru_cache(maxsize=None)
+def _sampler_setup(sampler):
+    """The transformation recording metrics and its jitted stepper, built
+    (and compiled) once per sampler."""
+    tx = _make_sampler_tx(sampler, save_metrics=True)
+    return tx, _jax_stepper(tx)
+
+
+def _to_torch_layout(tree, model):
+    return ti.params_to_torch(tree, like=dict(model.named_parameters()))
+
+
+def _loc_key(opt):
+    """The state key of the localization centre of a devinterp SGMCMC."""
+    (prior,) = [p for p in opt.param_groups[0]["prior"].priors
+                if p.center == "initial"]
+    return prior.key
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld"])
+def test_sgmcmc_state_from_torch_continues_like_torch(sampler):
+    model = torch_mlp()
+    opt = devinterp_sgmcmc(sampler, model.parameters(), save_metrics=True,
+                           **SGMCMC_HP[sampler])
+    _torch_steps(model, opt, 5)
+    assert _loc_key(opt) == "prior_center_1"  # after the weight decay prior
+    params = ti.params_from_torch(model)
+    tx, run = _sampler_setup(sampler)
+    state = ti.sgld_state_from_torch(opt, params, tx, module=model, count=5)
+    assert isinstance(state, STATE_TYPES[sampler]) and int(state.count) == 5
+    fc1 = opt.state[model.fc1.weight]
+    np.testing.assert_array_equal(state.initial_params["fc1"]["kernel"],
+                                  fc1["prior_center_1"].numpy().T)
+    if sampler == "rmsprop_sgld":
+        assert fc1["square_avg"].abs().min() > 0
+        for k, v in _to_torch_layout(state.square_avg, model).items():
+            assert_bitwise_equal(v, opt.state[model.get_parameter(k)]
+                                 ["square_avg"])
+    np.testing.assert_allclose(so.get_metrics(state).distance,
+                               opt.get_metrics().distance.item(), rtol=1e-6)
+
+    params, state = run(params, state, 7)
+    _torch_steps(model, opt, 7)
+    _assert_params_close(params, model)
+    assert float(so.get_metrics(state).localization) > 0
+    if sampler == "rmsprop_sgld":
+        for k, v in _to_torch_layout(state.square_avg, model).items():
+            np.testing.assert_allclose(
+                v.numpy(), opt.state[model.get_parameter(k)]["square_avg"],
+                rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld"])
+def test_sgmcmc_state_to_torch_continues_like_jax(sampler):
+    model = torch_mlp()
+    params = ti.params_from_torch(model)
+    tx, run = _sampler_setup(sampler)
+    params, state = run(params, tx.init(params), 5)
+
+    sd = ti.sgld_state_to_torch(state, tx, module=model, target="SGMCMC")
+    model.load_state_dict(ti.params_to_torch(params, like=model), strict=True)
+    # Built with other hyperparameters: load_state_dict replaces them.
+    opt = devinterp_sgmcmc(sampler, model.parameters(), lr=0.5, nbeta=1.0,
+                           localization=1.0, save_metrics=True)
+    opt.load_state_dict(sd)
+    group = opt.param_groups[0]
+    hp = SGMCMC_HP[sampler]
+    assert (group["lr"], group["nbeta"], group["noise_level"],
+            group["bounding_box_size"]) == (
+        hp["lr"], hp["nbeta"], 0.0, hp["bounding_box_size"])
+    assert [(p.localization, p.center, p.key) for p in group["prior"].priors] == [
+        (hp["weight_decay"], None, "prior_center_0"),
+        (hp["localization"], "initial", "prior_center_1")]
+    if sampler == "rmsprop_sgld":
+        pre = group["preconditioner"]
+        assert (type(pre).__name__, pre.alpha, pre.eps) == (
+            "RMSpropPreconditioner", RMS["alpha"], RMS["eps"])
+    w0 = _to_torch_layout(state.initial_params, model)
+    for name, p in model.named_parameters():
+        assert opt.state[p]["prior_center_0"] is None
+        assert torch.equal(opt.state[p]["prior_center_1"], w0[name])
+        assert torch.equal(opt.state[p]["initial_param"], w0[name])
+    if sampler == "rmsprop_sgld":
+        for k, v in _to_torch_layout(state.square_avg, model).items():
+            assert v.abs().min() > 0
+            assert torch.equal(opt.state[model.get_parameter(k)]["square_avg"], v)
+
+    _torch_steps(model, opt, 7)
+    params, state = run(params, state, 7)
+    _assert_params_close(params, model)
+    np.testing.assert_allclose(opt.get_metrics().distance.item(),
+                               so.get_metrics(state).distance, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld"])
+def test_sgmcmc_round_trips(sampler):
+    # devinterp -> sgld_optax -> devinterp keeps every tensor bit for bit.
+    model = torch_mlp()
+    opt = devinterp_sgmcmc(sampler, model.parameters(), save_metrics=True,
+                           **SGMCMC_HP[sampler])
+    _torch_steps(model, opt, 3)
+    params = ti.params_from_torch(model)
+    tx, run = _sampler_setup(sampler)
+    state = ti.sgld_state_from_torch(opt.state_dict(), params, tx,
+                                     module=model, count=3)
+    sd = ti.sgld_state_to_torch(state, tx, module=model, target="SGMCMC")
+    ref = opt.state_dict()
+    assert sd["state"].keys() == ref["state"].keys()
+    for i, s in ref["state"].items():
+        assert sd["state"][i].keys() == s.keys(), (sd["state"][i].keys(), s.keys())
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor):
+                assert_bitwise_equal(sd["state"][i][k], v)
+            else:
+                assert sd["state"][i][k] == v, k
+    (g,), (rg,) = sd["param_groups"], ref["param_groups"]
+    for k in ("lr", "nbeta", "noise_level", "bounding_box_size", "mask", "params"):
+        assert g[k] == rg[k], k
+    assert repr(g["prior"]) == repr(rg["prior"])
+    assert repr(g["preconditioner"]) == repr(rg["preconditioner"])
+    for f in ("distance", "localization", "scaled_grad", "dot_grad_prior"):
+        assert_bitwise_equal(getattr(g["metrics"], f), getattr(rg["metrics"], f))
+    assert g["metrics"].numel == rg["metrics"].numel
+
+    # sgld_optax -> devinterp -> sgld_optax gives back the state.
+    params, state = run(params, state, 2)
+    sd = ti.sgld_state_to_torch(state, tx, module=model, target="SGMCMC")
+    opt = devinterp_sgmcmc(sampler, model.parameters(), save_metrics=True,
+                           **SGMCMC_HP[sampler])
+    opt.load_state_dict(sd)
+    back = ti.sgld_state_from_torch(opt, params, tx, module=model, count=5,
+                                    key=state.key)
+    assert type(back) is type(state)
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.tree.map(jax.random.key_data, (back.key,)) + back[2:],
+                 jax.tree.map(jax.random.key_data, (state.key,)) + state[2:])
+    assert int(back.count) == int(state.count) == 5
+
+
+def _masks(model):
+    """A 0/1 float mask per parameter, with zeros and ones in each."""
+    gen = torch.Generator().manual_seed(5)
+    return {n: (torch.rand(p.shape, generator=gen) < 0.6).float()
+            for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld"])
+def test_sgmcmc_masks(sampler):
+    model = torch_mlp()
+    masks = _masks(model)
+    opt = devinterp_sgmcmc(sampler, model.parameters(), mask=list(masks.values()),
+                           **SGMCMC_HP[sampler])
+    assert type(opt.param_groups[0]["preconditioner"]).__name__ == (
+        "MaskPreconditioner" if sampler == "sgld" else "CompositePreconditioner")
+    _torch_steps(model, opt, 3)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = ti.params_from_torch(model)
+    mask = ti.params_from_torch(masks)
+    tx = _make_sampler_tx(sampler, mask=mask)
+    state = ti.sgld_state_from_torch(opt, params, tx, module=model, count=3)
+    run = _jax_stepper(tx)
+    params, state = run(params, state, 4)
+    _torch_steps(model, opt, 4)
+    _assert_params_close(params, model)
+    for n, p in model.named_parameters():
+        off = masks[n] == 0
+        assert torch.equal(p.detach()[off], frozen[n][off])
+        assert not torch.equal(p.detach()[~off], frozen[n][~off])
+
+    # Exported masks make a fresh devinterp optimizer take the same steps.
+    sd = ti.sgld_state_to_torch(state, tx, module=model, target="SGMCMC")
+    assert all(torch.equal(a, b) for a, b in zip(sd["param_groups"][0]["mask"],
+                                                 masks.values()))
+    opt2 = devinterp_sgmcmc(sampler, model.parameters(), **SGMCMC_HP[sampler])
+    opt2.load_state_dict(pickle.loads(pickle.dumps(sd)))  # also as a file
+    params, state = run(params, state, 3)
+    _torch_steps(model, opt2, 3)
+    _assert_params_close(params, model)
+
+    # A mask that differs anywhere is refused.
+    other = jax.tree.map(lambda m: m.at[(0,) * m.ndim].set(1 - m[(0,) * m.ndim]),
+                         mask)
+    with pytest.raises(ValueError, match="mask: the devinterp masks of fc1/bias, "
+                                         "fc1/kernel, fc2/bias"):
+        ti.sgld_state_from_torch(opt, params, _make_sampler_tx(sampler, mask=other),
+                                 module=model)
+    with pytest.raises(ValueError, match="mask: devinterp param group 0 has mask, "
+                                         "tx has none"):
+        ti.sgld_state_from_torch(opt, params, _make_sampler_tx(sampler),
+                                 module=model)
+
+
+def test_sgmcmc_hyperparameters_are_checked():
+    model = torch_mlp()
+    params = ti.params_from_torch(model)
+    rms = devinterp_sgmcmc("rmsprop_sgld", model.parameters(),
+                           **SGMCMC_HP["rmsprop_sgld"])
+    _torch_steps(model, rms, 2)
+    with pytest.raises(ValueError, match=r"alpha: devinterp param group 0 has "
+                                         r"0\.9, tx has alpha=0\.99"):
+        ti.sgld_state_from_torch(rms, params, _make_sampler_tx(
+            "rmsprop_sgld", alpha=0.99), module=model)
+    with pytest.raises(ValueError, match=r"eps: devinterp param group 0 has "
+                                         r"0\.1, tx has eps=0\.01"):
+        ti.sgld_state_from_torch(rms, params, _make_sampler_tx(
+            "rmsprop_sgld", eps=0.01), module=model)
+    with pytest.raises(ValueError, match="sampler: the devinterp optimizer is "
+                                         "SGMCMC.rmsprop_sgld, tx is sgld_optax.sgld"):
+        ti.sgld_state_from_torch(rms, params, _make_sampler_tx(
+            "sgld", **SGMCMC_HP["rmsprop_sgld"]), module=model)
+    sgld = devinterp_sgmcmc("sgld", model.parameters(),
+                            **dict(HP, weight_decay=0.0, bounding_box_size=None))
+    with pytest.raises(ValueError) as err:
+        ti.sgld_state_from_torch(sgld, params, _make_sampler_tx("sgld"),
+                                 module=model)
+    assert ("weight_decay: devinterp param group 0 has 0.0, tx has "
+            "weight_decay=0.3") in str(err.value)
+    assert ("bounding_box_size: devinterp param group 0 has None, tx has "
+            "bounding_box_size=0.02") in str(err.value)
+    ti.sgld_state_from_torch(sgld, params, _make_sampler_tx(
+        "sgld", weight_decay=0.0, bounding_box_size=None), module=model)
+    # Through hyperparams=, for a composed transformation.
+    tx = optax.chain(optax.identity(), _make_sampler_tx("rmsprop_sgld"))
+    hyperparams = dict(learning_rate=2e-3, nbeta=HP["nbeta"], noise_level=0.0,
+                       weight_decay=HP["weight_decay"],
+                       localization=HP["localization"], bounding_box_size=0.5,
+                       **RMS)
+    state = ti.sgld_state_from_torch(rms, params, tx, module=model,
+                                     hyperparams=hyperparams)
+    assert isinstance(state[1], so.RMSpropSGLDState)
+    np.testing.assert_array_equal(state[1].square_avg["fc1"]["kernel"],
+                                  rms.state[model.fc1.weight]["square_avg"].T)
+    with pytest.raises(ValueError, match="alpha: "):
+        ti.sgld_state_from_torch(rms, params, tx, module=model,
+                                 hyperparams=dict(hyperparams, alpha=0.99))
+
+
+@pytest.mark.parametrize("extra", [dict(initial_square_avg=1e-3),
+                                   dict(bias_correction=True)])
+def test_rmsprop_options_without_devinterp_equivalent(extra):
+    model = torch_mlp()
+    params = ti.params_from_torch(model)
+    tx = _make_sampler_tx("rmsprop_sgld", **extra)
+    match = f"{next(iter(extra))}=.* has no devinterp equivalent"
+    with pytest.raises(ValueError, match=match):
+        ti.sgld_state_to_torch(tx.init(params), tx, module=model)
+    opt = devinterp_sgmcmc("rmsprop_sgld", model.parameters(),
+                           **SGMCMC_HP["rmsprop_sgld"])
+    with pytest.raises(ValueError, match=match):
+        ti.sgld_state_from_torch(opt, params, tx, module=model)
+
+
+def _unsupported_optimizers(model):
+    from devinterp.optim.preconditioner import IdentityPreconditioner
+    from devinterp.optim.sgmcmc import SGMCMC
+
+    class Custom(IdentityPreconditioner):
+        pass
+
+    with quiet_sampler_warnings():
+        yield "NHTPreconditioning.* of SGMCMC.sgnht", SGMCMC.sgnht(
+            model.parameters(), lr=1e-3, nbeta=4.0)
+    yield "torch.optim.sgd.SGD|fields .*'momentum'", torch.optim.SGD(
+        model.parameters(), lr=0.1)
+    yield "custom preconditioner .*Custom", SGMCMC(
+        model.parameters(), lr=1e-3, nbeta=4.0, preconditioner=Custom())
+    yield "GaussianPrior with given centres", SGMCMC(
+        model.parameters(), lr=1e-3, nbeta=4.0,
+        prior=[torch.zeros_like(p) for p in model.parameters()])
+
+
+def test_unsupported_optimizers_are_refused():
+    model = torch_mlp()
+    params = ti.params_from_torch(model)
+    tx = _make_sampler_tx("sgld")
+    supported = (r"Supported are devinterp's SGLD \(devinterp.optim.sgld.SGLD\), "
+                 r"SGMCMC.sgld and SGMCMC.rmsprop_sgld")
+    for what, opt in _unsupported_optimizers(model):
+        _torch_steps(model, opt, 1)
+        for source in (opt, opt.state_dict()):
+            with pytest.raises(ValueError, match=supported) as err:
+                ti.sgld_state_from_torch(source, params, tx, module=model)
+            assert re.search(f"Unsupported optimizer: .*({what})",
+                             str(err.value)), str(err.value)
+    # Samplers with no devinterp counterpart, the other way.
+    for factory in (so.sghmc, so.sgnht):
+        with quiet_sampler_warnings():
+            tx = factory(1e-3, nbeta=4.0, key=0)
+        with pytest.raises(ValueError, match="no counterpart among the devinterp "
+                                             "optimizers supported"):
+            ti.sgld_state_to_torch(tx.init(params), tx, module=model)
+    tx = _make_sampler_tx("rmsprop_sgld")
+    with pytest.raises(ValueError, match="target='SGMCMC'"):
+        ti.sgld_state_to_torch(tx.init(params), tx, module=model, target="SGLD")
+
+
+def test_sgld_state_still_moves_to_and_from_devinterp_sgld():
+    # The deprecated devinterp SGLD: an optimizer object works as its
+    # state dict does, and sgld state goes to it by default.
+    model = torch_mlp()
+    opt = devinterp_sgld(model.parameters(), **HP)
+    _torch_steps(model, opt, 2)
+    params = ti.params_from_torch(model)
+    tx = _make_tx()
+    state = ti.sgld_state_from_torch(opt, params, tx, module=model, count=2)
+    assert isinstance(state, so.SGLDState)
+    np.testing.assert_array_equal(
+        state.initial_params["fc2"]["kernel"],
+        opt.state[model.fc2.weight]["initial_param"].numpy().T)
+    sd = ti.sgld_state_to_torch(state, tx, module=model)
+    assert "localization" in sd["param_groups"][0]
+    assert "prior" not in sd["param_groups"][0]
+    with pytest.raises(ValueError, match="sampler: the devinterp optimizer is "
+                                         "SGLD, tx is sgld_optax.rmsprop_sgld"):
+        ti.sgld_state_from_torch(opt, params, _make_sampler_tx(
+            "rmsprop_sgld", **HP), module=model)
 
 
 # ---------------------------------------------------------------------------
@@ -705,3 +1056,16 @@ def test_public_names_are_documented():
         doc = getattr(ti, name).__doc__
         assert doc and "Example" in doc or name == "CheckpointMismatchError", name
 
+
+
+def test_state_with_extra_priors_is_refused():
+    """devinterp's SGLD and SGMCMC factories take weight decay and
+    localization only: a sampler with further priors cannot cross over."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    params = ti.params_from_torch(lin)
+    prior = so.GaussianPrior(2.0, center=None)
+    tx = so.sgld(1e-3, nbeta=10.0, localization=1.0, priors=[prior], key=0)
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="priors="):
+        ti.sgld_state_to_torch(state, tx, module=lin)

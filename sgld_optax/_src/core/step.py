@@ -143,6 +143,7 @@ def transformation(
             f"sketch_dim={sketch_dim} disagrees with sketch.output_dim="
             f"{sketch.output_dim}; pass one of them.")
     base.check_mask(mask)
+    extra_priors = tuple(priors) if isinstance(priors, (list, tuple)) else ()
     priors = terms_lib.priors_of(localization, weight_decay, priors)
     if (v := base.concrete_float(noise_level)) is not None and v != 1.0:
         warnings.warn(
@@ -348,8 +349,8 @@ def transformation(
     update_fn.hyperparams = types.MappingProxyType(dict(
         sampler=name, learning_rate=learning_rate, nbeta=nbeta,
         noise_level=noise_level, weight_decay=weight_decay,
-        localization=localization, bounding_box_size=bounding_box_size,
-        mask=mask, **hyperparams))
+        localization=localization, priors=extra_priors,
+        bounding_box_size=bounding_box_size, mask=mask, **hyperparams))
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
