@@ -36,6 +36,12 @@ NBETA = 10.0
 LOCALIZATION = 100.0
 SKETCH_DIM = 1024
 MODES = ("plain", "metrics", "sketch")
+# Our samplers timed against their devinterp counterparts (see
+# ``devinterp_optimizer``).
+SAMPLERS = ("sgld", "rmsprop_sgld")
+# Bytes per float32 parameter a step must move: read w, g, w0 and write w;
+# RMSprop also reads and writes its running mean.
+STEP_BYTES = {"sgld": 16, "rmsprop_sgld": 24}
 # Quick runs use three leaves instead of eleven: less to compile.
 FEW_LEAVES = False
 
@@ -169,32 +175,44 @@ def _nbytes(x) -> int:
 
 @dataclasses.dataclass
 class OursStep:
-    """A jitted sgld step with donated params and state, ready to call."""
+    """A jitted sampler step with donated params and state, ready to call."""
 
     call: Callable[[], None]
-    state_bytes: int          # bytes of the SGLDState pytree
+    state_bytes: int          # bytes of the sampler's state pytree
     temp_bytes: Optional[int]  # XLA scratch of the compiled step
     compile_s: float
     hlo_text: str = ""        # the compiled step's optimized HLO
 
 
-def ours_step(mode: str, params_np, grads_np, device=None, inner: int = 1,
-              compiler_options: Optional[dict] = None,
-              native_cpu: bool = False) -> OursStep:
-    """Builds our step; each ``call()`` takes ``inner`` steps, then waits.
+def ours_transformation(sampler: str, mode: str):
+    """``so.sgld`` or ``so.rmsprop_sgld`` with the benchmark's settings."""
+    import sgld_optax as so
 
-    ``compiler_options`` go to the ``jax.jit`` of the step (for example
-    ``so.compiler_options()``); ``native_cpu`` to ``so.sgld``.
-    """
+    factory = {"sgld": so.sgld, "rmsprop_sgld": so.rmsprop_sgld}[sampler]
+    return factory(LEARNING_RATE, nbeta=NBETA, localization=LOCALIZATION,
+                   save_metrics=(mode == "metrics"),
+                   sketch_dim=(SKETCH_DIM if mode == "sketch" else None),
+                   key=0)
+
+
+def ours_state_bytes(sampler: str, mode: str, params_np) -> int:
+    """Bytes of the state ``init`` builds for ``params_np``."""
+    import jax
+    import jax.numpy as jnp
+
+    tx = ours_transformation(sampler, mode)
+    state = tx.init({k: jnp.asarray(v) for k, v in params_np.items()})
+    return sum(_nbytes(x) for x in jax.tree_util.tree_leaves(state))
+
+
+def ours_step(mode: str, params_np, grads_np, device=None, inner: int = 1,
+              sampler: str = "sgld") -> OursStep:
+    """Builds our step; each ``call()`` takes ``inner`` steps, then waits."""
     import jax
     import jax.numpy as jnp
     import optax
-    import sgld_optax as so
 
-    tx = so.sgld(LEARNING_RATE, nbeta=NBETA, localization=LOCALIZATION,
-                 save_metrics=(mode == "metrics"),
-                 sketch_dim=(SKETCH_DIM if mode == "sketch" else None), key=0,
-                 native_cpu=native_cpu)
+    tx = ours_transformation(sampler, mode)
     put = (lambda a: jax.device_put(a, device)) if device is not None else (
         jnp.asarray)
     params = {k: put(v) for k, v in params_np.items()}
@@ -208,8 +226,7 @@ def ours_step(mode: str, params_np, grads_np, device=None, inner: int = 1,
         updates, s = tx.update(g, s, p)
         return optax.apply_updates(p, updates), s
 
-    jitted = jax.jit(step, donate_argnums=(0, 1),
-                     compiler_options=compiler_options or None)
+    jitted = jax.jit(step, donate_argnums=(0, 1))
     temp, hlo = None, ""
     t0 = time.perf_counter()
     compiled = jitted.lower(params, state, grads).compile()
@@ -231,15 +248,13 @@ def ours_step(mode: str, params_np, grads_np, device=None, inner: int = 1,
     return OursStep(call, state_bytes, temp, compile_s, hlo)
 
 
-def floor_steps(params_np, grads_np, device=None, inner: int = 1,
-                compiler_options: Optional[dict] = None):
+def floor_steps(params_np, grads_np, device=None, inner: int = 1):
     """The floor: a fused update without noise, and a copy of the same bytes.
 
     Returns ``(update, copy)`` callables. The update is
     ``w <- w - (lr/2)(nbeta g + loc (w - w0))`` over the same leaves, jitted
     with ``w`` donated; the copy writes the params' bytes into a donated
-    buffer of the same size. ``compiler_options`` go to the update's
-    ``jax.jit``.
+    buffer of the same size.
     """
     import jax
     import jax.numpy as jnp
@@ -256,8 +271,7 @@ def floor_steps(params_np, grads_np, device=None, inner: int = 1,
             lambda w, gg, c: w - h * (NBETA * gg + LOCALIZATION * (w - c)),
             p, g, w0)
 
-    upd = jax.jit(update, donate_argnums=0,
-                  compiler_options=compiler_options or None)
+    upd = jax.jit(update, donate_argnums=0)
     cpy = jax.jit(lambda dst, src: jax.tree.map(lambda s: s + 0.0, src),
                   donate_argnums=0)
     hp = [p]
@@ -299,9 +313,9 @@ def _torch_tensors(obj, seen, out):
 def devinterp_state_bytes(opt) -> int:
     """Bytes of the tensors a devinterp optimizer holds beyond its params.
 
-    Per-parameter state (``initial_param``), the count-sketch tables
-    (int64 bucket and float32 sign per parameter) and buffers, and the
-    metrics accumulators.
+    Per-parameter state (``initial_param``, a prior's centre, RMSprop's
+    ``square_avg``), the count-sketch tables (int64 bucket and float32 sign
+    per parameter) and buffers, and the metrics accumulators.
     """
     seen = {id(p) for g in opt.param_groups for p in g["params"]}
     tensors: list = []
@@ -320,22 +334,47 @@ class TheirsStep:
     state_bytes: int
 
 
-def devinterp_step(mode: str, params_np, grads_np, device: str = "cpu",
-                   inner: int = 1) -> TheirsStep:
-    """Builds devinterp's step; each ``call()`` takes ``inner`` steps."""
-    import torch
+def devinterp_optimizer(sampler: str, params, *, lr: float, nbeta: float,
+                        localization: float, save_metrics: bool = False,
+                        sketch_dim: Optional[int] = None):
+    """devinterp's counterpart of ``sampler`` over the torch ``params``.
+
+    ``"sgld"``: its ``SGLD`` optimizer; ``"rmsprop_sgld"``:
+    ``SGMCMC.rmsprop_sgld`` with its default ``alpha`` and ``eps`` (ours are
+    the same).
+    """
     from devinterp.optim.sgld import SGLD
+    from devinterp.optim.sgmcmc import SGMCMC
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if sampler == "sgld":
+            return SGLD(params, lr=lr, nbeta=nbeta, localization=localization,
+                        save_metrics=save_metrics, sketch_dim=sketch_dim)
+        if sampler == "rmsprop_sgld":
+            return SGMCMC.rmsprop_sgld(
+                params, lr=lr, nbeta=nbeta, localization=localization,
+                save_metrics=save_metrics, sketch_dim=sketch_dim)
+    raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+
+
+def devinterp_step(mode: str, params_np, grads_np, device: str = "cpu",
+                   inner: int = 1, sampler: str = "sgld") -> TheirsStep:
+    """Builds devinterp's step; each ``call()`` takes ``inner`` steps.
+
+    The state is measured after one step, so that state devinterp creates
+    on its first step (RMSprop's running mean) counts.
+    """
+    import torch
 
     params = [torch.nn.Parameter(torch.from_numpy(v.copy()).to(device))
               for v in params_np.values()]
     for p, g in zip(params, grads_np.values()):
         p.grad = torch.from_numpy(g.copy()).to(device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        opt = SGLD(params, lr=LEARNING_RATE, nbeta=NBETA,
-                   localization=LOCALIZATION,
-                   save_metrics=(mode == "metrics"),
-                   sketch_dim=(SKETCH_DIM if mode == "sketch" else None))
+    opt = devinterp_optimizer(
+        sampler, params, lr=LEARNING_RATE, nbeta=NBETA,
+        localization=LOCALIZATION, save_metrics=(mode == "metrics"),
+        sketch_dim=(SKETCH_DIM if mode == "sketch" else None))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (
         lambda: None)
 
@@ -344,6 +383,7 @@ def devinterp_step(mode: str, params_np, grads_np, device: str = "cpu",
             opt.step()
         sync()
 
+    opt.step()
     return TheirsStep(call, devinterp_state_bytes(opt))
 
 
@@ -723,15 +763,16 @@ def mlp_loss(params, batch):
 
 
 def torch_llc(layers, x, y, *, chains, draws, batch, nbeta, seed,
-              device="cpu"):
-    """The LLC benchmark's work with devinterp's ``SGLD`` in a PyTorch loop.
+              device="cpu", sampler="sgld"):
+    """The LLC benchmark's work with devinterp's optimizer in a PyTorch loop.
 
-    One chain after another: copy the model, build ``SGLD``, then per step
-    sample a batch, backward, step. Everything lives on ``device``; the
-    losses stay there until the end, so a GPU loop never waits per step.
+    One chain after another: copy the model, build the optimizer
+    (``devinterp_optimizer(sampler, ...)``: ``SGLD`` or
+    ``SGMCMC.rmsprop_sgld``), then per step sample a batch, backward, step.
+    Everything lives on ``device``; the losses stay there until the end, so
+    a GPU loop never waits per step.
     """
     import torch
-    from devinterp.optim.sgld import SGLD
 
     torch.manual_seed(seed)
     mods = []
@@ -751,10 +792,8 @@ def torch_llc(layers, x, y, *, chains, draws, batch, nbeta, seed,
     losses = torch.empty(chains, draws, device=device)
     for c in range(chains):
         m = copy.deepcopy(model)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            opt = SGLD(m.parameters(), lr=LLC_LR, nbeta=nbeta,
-                       localization=LLC_LOCALIZATION)
+        opt = devinterp_optimizer(sampler, list(m.parameters()), lr=LLC_LR,
+                                  nbeta=nbeta, localization=LLC_LOCALIZATION)
         for t in range(draws):
             idx = torch.randint(0, n, (batch,), device=device)
             loss = torch.nn.functional.mse_loss(m(xt[idx]), yt[idx])
@@ -775,11 +814,12 @@ def llc_inputs(layers, x, y):
     return params, (jnp.asarray(x), jnp.asarray(y))
 
 
-def llc_ours(params, data, chains, draws, batch, seed):
+def llc_ours(params, data, chains, draws, batch, seed, sampler="sgld"):
     """One ``so.estimate_llc`` run of the LLC benchmark's problem."""
     import sgld_optax as so
 
     return so.estimate_llc(
-        mlp_loss, params, data, key=seed, learning_rate=LLC_LR,
-        nbeta=so.default_nbeta(batch), localization=LLC_LOCALIZATION,
-        num_chains=chains, num_draws=draws, batch_size=batch, progress=False)
+        mlp_loss, params, data, key=seed, sampler=sampler,
+        learning_rate=LLC_LR, nbeta=so.default_nbeta(batch),
+        localization=LLC_LOCALIZATION, num_chains=chains, num_draws=draws,
+        batch_size=batch, progress=False)

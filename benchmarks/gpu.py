@@ -4,20 +4,23 @@
     python benchmarks/gpu.py --sizes 4M,64M --out gpu_results.md
 
 Needs JAX with CUDA (``pip install -U "jax[cuda12]"``); PyTorch with CUDA
-adds devinterp's columns. Each timed call takes ``--inner`` steps back to back
-and waits once at the end, so launch latency is spread over them; the
-table reports the median time per step, the step's time over our plain
-step's, and how many kernels the compiled step launches.
+adds devinterp's columns. ``so.sgld`` is timed against devinterp's ``SGLD``
+and ``so.rmsprop_sgld`` against ``SGMCMC.rmsprop_sgld`` (``--samplers``).
+Each timed call takes ``--inner`` steps back to back and waits once at the
+end, so launch latency is spread over them; the table reports the median
+time per step, the step's time over our plain step's, and how many kernels
+the compiled step launches.
 
 Bandwidth: a step must read the params, the gradients and the initial params
-and write the params, 16 bytes per float32 parameter; *achieved GB/s* is that
-over the step time. The device's copy bandwidth is measured on the same
+and write the params, 16 bytes per float32 parameter (24 for RMSprop-SGLD,
+which also reads and writes its running mean); *achieved GB/s* is that over
+the step time. The device's copy bandwidth is measured on the same
 device by copying the params' bytes into a donated buffer (8 bytes per
 parameter moved), and *of copy* is the ratio of the two.
 
 Then the LLC part of ``run.py``: ``so.estimate_llc`` on the GPU against
-devinterp's ``SGLD`` in a PyTorch loop on the GPU, cold and warm
-(``--llc-repeats 0`` skips it). Without a GPU the script says so and exits
+devinterp's optimizer in a PyTorch loop on the GPU, cold and warm, for each
+sampler (``--llc-repeats 0`` skips it). Without a GPU the script says so and exits
 with status 2.
 """
 
@@ -75,16 +78,17 @@ def _torch_cuda():
 
 def _llc_lines(llc):
     """The LLC table of ``run.bench_llc``'s results."""
-    header = ["LLC run", "devinterp s", "ours s", "devinterp / ours",
-              "estimate (devinterp, ours)"]
+    header = ["sampler", "LLC run", "devinterp s", "ours s",
+              "devinterp / ours", "estimate (devinterp, ours)"]
     rows = []
-    for kind in ("cold", "warm"):
-        t, d = llc[f"ours_{kind}_s"], llc[f"devinterp_{kind}_s"]
-        rows.append([kind, "" if d is None else f"{d:.3f}", f"{t:.3f}",
-                     "" if d is None else f"{d / t:.1f}x",
-                     ("" if llc["devinterp_llc"] is None
-                      else f"{llc['devinterp_llc']:.2f}, ")
-                     + f"{llc['ours_llc']:.2f}"])
+    for sampler, r in llc["samplers"].items():
+        for kind in ("cold", "warm"):
+            t, d = r[f"ours_{kind}_s"], r[f"devinterp_{kind}_s"]
+            rows.append([sampler, kind, "" if d is None else f"{d:.3f}",
+                         f"{t:.3f}", "" if d is None else f"{d / t:.1f}x",
+                         ("" if r["devinterp_llc"] is None
+                          else f"{r['devinterp_llc']:.2f}, ")
+                         + f"{r['ours_llc']:.2f}"])
     return ["", f"LLC end to end: MLP {'-'.join(map(str, bl.LLC_WIDTHS))} "
             f"(tanh), {llc['n']} points, batch {llc['batch']}, "
             f"{llc['chains']} chains x {llc['draws']} draws; cold is the first "
@@ -126,6 +130,8 @@ def main(argv=None):
                    help="steps per timed call (default %(default)s)")
     p.add_argument("--modes", default=",".join(bl.MODES),
                    help="which steps to time (default %(default)s)")
+    p.add_argument("--samplers", default=",".join(bl.SAMPLERS),
+                   help="which samplers to time (default %(default)s)")
     p.add_argument("--no-torch", action="store_true",
                    help="time sgld_optax only")
     p.add_argument("--llc-repeats", type=int, default=5,
@@ -162,6 +168,10 @@ def main(argv=None):
     for m in modes:
         if m not in bl.MODES:
             p.error(f"unknown mode {m!r}; choose from {bl.MODES}")
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    for s in samplers:
+        if s not in bl.SAMPLERS:
+            p.error(f"unknown sampler {s!r}; choose from {bl.SAMPLERS}")
     sizes = sorted({bl.parse_size(s) for s in args.sizes.split(",")})
     inner = max(1, args.inner)
 
@@ -186,42 +196,44 @@ def main(argv=None):
         copy_ms = bl.median_ms(t["copy"]) / inner
         copy_gbps = 8 * n / (copy_ms * 1e-3) / 1e9
         del upd, cpy
-        rows.append([f"{label} ({n:,})", "floor: update, no noise", "",
+        rows.append([f"{label} ({n:,})", "", "floor: update, no noise", "",
                      f"{floor_ms:.3f}", "", "", "",
                      f"{16 * n / (floor_ms * 1e-3) / 1e9:.3g}",
                      f"{16 * n / (floor_ms * 1e-3) / 1e9 / copy_gbps:.0%}"])
-        rows.append([f"{label} ({n:,})", "copy of the params", "",
+        rows.append([f"{label} ({n:,})", "", "copy of the params", "",
                      f"{copy_ms:.3f}", "", "", "", f"{copy_gbps:.3g}",
                      "100%"])
-        plain_ms = None
-        for mode in modes:
-            bl.log(f"[step] {label} ({n:,} params) {mode}")
-            fns = {}
-            ours = bl.run_quietly(bl.ours_step, mode, params, grads, device,
-                                  inner)
-            fns["ours"] = ours.call
-            kernels = entry_kernels(ours.hlo_text)
-            if use_torch:
-                theirs = bl.run_quietly(bl.devinterp_step, mode, params,
-                                        grads, torch_device, inner)
-                fns["devinterp"] = theirs.call
-            t = bl.run_quietly(bl.interleaved, fns, args.repeats)
-            ours_ms = bl.median_ms(t["ours"]) / inner
-            theirs_ms = (bl.median_ms(t["devinterp"]) / inner
-                         if use_torch else None)
-            gbps = 16 * n / (ours_ms * 1e-3) / 1e9
-            rows.append([
-                f"{label} ({n:,})", mode,
-                "" if theirs_ms is None else f"{theirs_ms:.3f}",
-                f"{ours_ms:.3f}",
-                "" if theirs_ms is None else f"{ours_ms / theirs_ms:.2f}",
-                "" if plain_ms is None else f"{ours_ms / plain_ms:.2f}",
-                "" if kernels is None else str(kernels),
-                f"{gbps:.3g}", f"{gbps / copy_gbps:.0%}"])
-            if mode == "plain":
-                plain_ms = ours_ms
-            del ours, fns
-            gc.collect()
+        for sampler in samplers:
+            plain_ms = None
+            for mode in modes:
+                bl.log(f"[step] {label} ({n:,} params) {sampler} {mode}")
+                fns = {}
+                ours = bl.run_quietly(bl.ours_step, mode, params, grads,
+                                      device, inner, sampler=sampler)
+                fns["ours"] = ours.call
+                kernels = entry_kernels(ours.hlo_text)
+                if use_torch:
+                    theirs = bl.run_quietly(bl.devinterp_step, mode, params,
+                                            grads, torch_device, inner,
+                                            sampler=sampler)
+                    fns["devinterp"] = theirs.call
+                t = bl.run_quietly(bl.interleaved, fns, args.repeats)
+                ours_ms = bl.median_ms(t["ours"]) / inner
+                theirs_ms = (bl.median_ms(t["devinterp"]) / inner
+                             if use_torch else None)
+                gbps = bl.STEP_BYTES[sampler] * n / (ours_ms * 1e-3) / 1e9
+                rows.append([
+                    f"{label} ({n:,})", sampler, mode,
+                    "" if theirs_ms is None else f"{theirs_ms:.3f}",
+                    f"{ours_ms:.3f}",
+                    "" if theirs_ms is None else f"{ours_ms / theirs_ms:.2f}",
+                    "" if plain_ms is None else f"{ours_ms / plain_ms:.2f}",
+                    "" if kernels is None else str(kernels),
+                    f"{gbps:.3g}", f"{gbps / copy_gbps:.0%}"])
+                if mode == "plain":
+                    plain_ms = ours_ms
+                del ours, fns
+                gc.collect()
         del params, grads
         gc.collect()
 
@@ -229,10 +241,12 @@ def main(argv=None):
     if args.llc_repeats > 0:
         import run  # the CPU benchmark's LLC part, on this device
         llc = run.bench_llc(4096, 8, args.llc_draws, 64, args.llc_repeats,
-                            torch_device=torch_device if use_torch else None)
+                            torch_device=torch_device if use_torch else None,
+                            samplers=tuple(samplers))
 
-    header = ["params", "step", "devinterp ms", "ours ms", "ours / devinterp",
-              "ours / our plain", "kernels", "achieved GB/s", "of copy"]
+    header = ["params", "sampler", "step", "devinterp ms", "ours ms",
+              "ours / devinterp", "ours / our plain", "kernels",
+              "achieved GB/s", "of copy"]
     lines = [bl.md_table(header, rows)]
     if llc is not None and "skipped" not in llc:
         lines += _llc_lines(llc)

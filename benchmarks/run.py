@@ -8,18 +8,17 @@ Four parts, each timed with both libraries in the same process, call by call
 in turns (see ``bench_lib.interleaved``), reporting medians:
 
 1. the optimizer step alone, plain, with metrics and with count sketches
-   (``sketch_dim=1024``), at each size (default 1M, 4M and 16M parameters);
-   where ``so.compiler_options()`` sets anything on this machine, our steps
-   and the floor are also timed compiled with it, and where the native CPU
-   kernel builds, our steps with ``native_cpu=True``;
-2. the memory the sampler keeps beyond the parameters, per parameter;
-3. LLC estimation end to end: ``so.estimate_llc`` against devinterp's
-   ``SGLD`` in a plain PyTorch loop, cold (first call, compilation included)
-   and warm, and (full runs) cold in a fresh process with JAX's persistent
-   compilation cache filled by an earlier one;
+   (``sketch_dim=1024``), at each size (default 1M, 4M and 16M parameters):
+   ``so.sgld`` against devinterp's ``SGLD`` and ``so.rmsprop_sgld`` against
+   ``SGMCMC.rmsprop_sgld``;
+2. the memory each sampler keeps beyond the parameters, per parameter;
+3. LLC estimation end to end: ``so.estimate_llc`` with each sampler against
+   devinterp's optimizer in a plain PyTorch loop, cold (first call,
+   compilation included) and warm, and (full runs, SGLD) cold in a fresh
+   process with JAX's persistent compilation cache filled by an earlier one;
 4. the floor: a fused update without noise over the same arrays, and a copy
-   of the same bytes; and, at the size nearest 4M, the step's parts timed
-   alone and our compiled steps profiled kernel by kernel.
+   of the same bytes; and, at the size nearest 4M, the parts of our SGLD
+   step timed alone and its compiled steps profiled kernel by kernel.
 
 The page it writes holds the tables between two markers; text outside them
 is kept, so the hand-written explanation survives a rerun.
@@ -46,6 +45,8 @@ END = "<!-- END GENERATED -->"
 PAGE = "benchmarks.md"
 PLOT = "benchmark_step_time.png"
 TARGET_SIZE = 4 << 20
+NAMES = {"sgld": ("so.sgld", "SGLD"),
+         "rmsprop_sgld": ("so.rmsprop_sgld", "SGMCMC.rmsprop_sgld")}
 
 
 # --------------------------------------------------------------------------
@@ -81,136 +82,102 @@ def _timed(fns, repeats, warmup, wait, steps_per_call=1):
 
 
 def bench_sizes(sizes, repeats_for, warmup, profile_size=None, wait=0.0,
-                inner=1):
-    """Times every mode at every size; at ``profile_size`` also profiles
-    our compiled steps kernel by kernel.
+                inner=1, samplers=bl.SAMPLERS):
+    """Times every sampler and mode at every size; at ``profile_size`` also
+    profiles our compiled SGLD steps kernel by kernel.
 
     Each timed call takes ``inner`` steps back to back (then waits for the
-    last); times are per step.
+    last); times are per step. ``row["modes"][mode]`` holds the SGLD
+    results, ``row["samplers"][sampler][mode]`` every sampler's.
     """
-    import sgld_optax as so
-
-    # Our steps are also timed compiled with so.compiler_options(), where it
-    # sets anything on this machine (512-bit vectors on AVX-512 CPUs).
-    wide = so.compiler_options()
-    native = _native_kernel_builds()
     rows = []
     for n_req in sizes:
         params, grads = bl.make_arrays(n_req)
         n = bl.num_params(params)
         label = bl.size_label(n_req)
         repeats = repeats_for(n)
-        row = {"label": label, "n": n, "requested": n_req, "modes": {},
-               "compiler_options": wide, "native": native}
-        for mode in bl.MODES:
-            bl.log(f"[step] {label} ({n:,} params) {mode}: compiling and "
-                   f"timing {repeats} calls of {inner} steps each")
-            ours = bl.run_quietly(bl.ours_step, mode, params, grads,
-                                  inner=inner)
-            theirs = bl.run_quietly(bl.devinterp_step, mode, params, grads,
-                                    inner=inner)
-            fns = {"ours": ours.call, "devinterp": theirs.call}
-            if wide:
-                fns["ours_wide"] = bl.run_quietly(
-                    bl.ours_step, mode, params, grads, inner=inner,
-                    compiler_options=wide).call
-            if native:
-                fns["ours_native"] = bl.run_quietly(
-                    bl.ours_step, mode, params, grads, inner=inner,
-                    native_cpu=True).call
-            t, busy = _timed(fns, repeats, warmup, wait, inner)
-            row["modes"][mode] = {
-                "ours_wide_ms": bl.median_ms(t["ours_wide"]) if wide else None,
-                "ours_native_ms": (bl.median_ms(t["ours_native"]) if native
-                                   else None),
-                "busy": busy,
-                "ours_ms": bl.median_ms(t["ours"]),
-                "devinterp_ms": bl.median_ms(t["devinterp"]),
-                "ours_all_ms": [x * 1e3 for x in t["ours"]],
-                "devinterp_all_ms": [x * 1e3 for x in t["devinterp"]],
-                "ours_state_bytes": ours.state_bytes,
-                "devinterp_state_bytes": theirs.state_bytes,
-                "ours_temp_bytes": ours.temp_bytes,
-                "ours_compile_s": ours.compile_s,
-            }
-            if n_req == profile_size:
-                if wait > 0:
-                    bl.wait_for_idle(wait, threshold=BUSY, window_s=2.0)
-                try:
-                    kp = bl.run_quietly(bl.xla_kernel_profile, ours.call,
-                                        ours.hlo_text, steps_per_call=inner)
-                except Exception as err:  # the profiler is best effort
-                    kp = {"error": repr(err)}
-                row["modes"][mode]["kernels"] = kp
-                row["modes"][mode]["minor_faults"] = bl.run_quietly(
-                    bl.minor_faults_per_step, ours.call, inner)
-            del ours, theirs, fns
-            gc.collect()
+        row = {"label": label, "n": n, "requested": n_req,
+               "samplers": {s: {} for s in samplers}}
+        for sampler in samplers:
+            for mode in bl.MODES:
+                bl.log(f"[step] {label} ({n:,} params) {sampler} {mode}: "
+                       f"compiling and timing {repeats} calls of {inner} "
+                       "steps each")
+                ours = bl.run_quietly(bl.ours_step, mode, params, grads,
+                                      inner=inner, sampler=sampler)
+                theirs = bl.run_quietly(bl.devinterp_step, mode, params,
+                                        grads, inner=inner, sampler=sampler)
+                t, busy = _timed({"ours": ours.call,
+                                  "devinterp": theirs.call},
+                                 repeats, warmup, wait, inner)
+                m = row["samplers"][sampler][mode] = {
+                    "busy": busy,
+                    "ours_ms": bl.median_ms(t["ours"]),
+                    "devinterp_ms": bl.median_ms(t["devinterp"]),
+                    "ours_all_ms": [x * 1e3 for x in t["ours"]],
+                    "devinterp_all_ms": [x * 1e3 for x in t["devinterp"]],
+                    "ours_state_bytes": ours.state_bytes,
+                    "devinterp_state_bytes": theirs.state_bytes,
+                    "ours_temp_bytes": ours.temp_bytes,
+                    "ours_compile_s": ours.compile_s,
+                }
+                if n_req == profile_size and sampler == "sgld":
+                    if wait > 0:
+                        bl.wait_for_idle(wait, threshold=BUSY, window_s=2.0)
+                    try:
+                        kp = bl.run_quietly(bl.xla_kernel_profile, ours.call,
+                                            ours.hlo_text,
+                                            steps_per_call=inner)
+                    except Exception as err:  # the profiler is best effort
+                        kp = {"error": repr(err)}
+                    m["kernels"] = kp
+                    m["minor_faults"] = bl.run_quietly(
+                        bl.minor_faults_per_step, ours.call, inner)
+                del ours, theirs
+                gc.collect()
+        row["modes"] = row["samplers"].get("sgld", {})
         bl.log(f"[floor] {label}: fused update without noise, and a copy")
         upd, cpy = bl.run_quietly(bl.floor_steps, params, grads, inner=inner)
-        fns = {"update": upd, "copy": cpy}
-        if wide:
-            fns["update_wide"] = bl.run_quietly(
-                bl.floor_steps, params, grads, inner=inner,
-                compiler_options=wide)[0]
-        t, row["floor_busy"] = _timed(fns, repeats, warmup, wait, inner)
+        t, row["floor_busy"] = _timed({"update": upd, "copy": cpy}, repeats,
+                                      warmup, wait, inner)
         row["floor_ms"] = bl.median_ms(t["update"])
-        row["floor_wide_ms"] = (bl.median_ms(t["update_wide"]) if wide
-                                else None)
         row["copy_ms"] = bl.median_ms(t["copy"])
         row["bytes"] = 4 * n
-        del upd, cpy, fns, params, grads
+        del upd, cpy, params, grads
         gc.collect()
         rows.append(row)
     return rows
 
 
-def _native_kernel_builds() -> bool:
-    """Whether ``so.sgld(..., native_cpu=True)`` can be built here."""
-    import sgld_optax as so
-    try:
-        so.sgld(bl.LEARNING_RATE, nbeta=bl.NBETA, native_cpu=True)
-    except RuntimeError as err:
-        bl.log(f"[native] the native CPU kernel is unavailable: {err}")
-        return False
-    return True
-
-
-def memory_fit():
-    """State bytes as a * n + c for each mode, fitted on two small sizes."""
+def memory_fit(samplers=bl.SAMPLERS):
+    """State bytes as a * n + c for each sampler and mode, fitted on two
+    small sizes: ``{sampler: {mode: {"ours"|"devinterp": {"per_param",
+    "constant"}}}}``."""
     out = {}
     sizes = (4096, 65536)
-    for mode in bl.MODES:
-        ours, theirs, ns = [], [], []
-        for n_req in sizes:
-            params, grads = bl.make_arrays(n_req)
-            ns.append(bl.num_params(params))
-            ours.append(bl.run_quietly(_ours_state_bytes, mode, params))
-            theirs.append(bl.run_quietly(bl.devinterp_step, mode, params,
-                                         grads).state_bytes)
-        fit = {}
-        for side, b in (("ours", ours), ("devinterp", theirs)):
-            slope = (b[1] - b[0]) / (ns[1] - ns[0])
-            fit[side] = {"per_param": slope, "constant": b[0] - slope * ns[0]}
-        out[mode] = fit
+    for sampler in samplers:
+        out[sampler] = {}
+        for mode in bl.MODES:
+            ours, theirs, ns = [], [], []
+            for n_req in sizes:
+                params, grads = bl.make_arrays(n_req)
+                ns.append(bl.num_params(params))
+                ours.append(bl.run_quietly(bl.ours_state_bytes, sampler, mode,
+                                           params))
+                theirs.append(bl.run_quietly(
+                    bl.devinterp_step, mode, params, grads,
+                    sampler=sampler).state_bytes)
+            fit = {}
+            for side, b in (("ours", ours), ("devinterp", theirs)):
+                slope = (b[1] - b[0]) / (ns[1] - ns[0])
+                fit[side] = {"per_param": slope,
+                             "constant": b[0] - slope * ns[0]}
+            out[sampler][mode] = fit
     return out
 
 
-def _ours_state_bytes(mode, params_np):
-    import jax
-    import jax.numpy as jnp
-    import sgld_optax as so
-    tx = so.sgld(bl.LEARNING_RATE, nbeta=bl.NBETA,
-                 localization=bl.LOCALIZATION,
-                 save_metrics=(mode == "metrics"),
-                 sketch_dim=(bl.SKETCH_DIM if mode == "sketch" else None),
-                 key=0)
-    state = tx.init({k: jnp.asarray(v) for k, v in params_np.items()})
-    return sum(bl._nbytes(x) for x in jax.tree_util.tree_leaves(state))
-
-
 def profile(n_req, repeats, warmup, wait=0.0):
-    """Times the parts of our step alone at one size (ms)."""
+    """Times the parts of our SGLD step alone at one size (ms)."""
     import jax
     import jax.numpy as jnp
 
@@ -247,16 +214,13 @@ def profile(n_req, repeats, warmup, wait=0.0):
 
     rng = np.random.default_rng(1)
     comps = {name: [jnp.asarray(rng.standard_normal(s, dtype=np.float32))
-                    for _ in range(4)] for name, s in shapes.items()}
-    try:
-        from sgld_optax._src import metrics as metrics_lib
-        red = jax.jit(lambda c: metrics_lib.metrics_from_bases(
-            [(v[0], v[1], None, v[2]) for v in c.values()],
-            (1.0, 1.0, None, 1.0), n))
-        fns["metrics: the 6 reductions alone, inputs in memory"] = (
-            lambda: jax.block_until_ready(red(comps)))
-    except Exception as err:
-        notes["metrics: the 6 reductions alone, inputs in memory"] = repr(err)
+                    for _ in range(3)] for name, s in shapes.items()}
+    # The metrics step's sums: the six products of the three vectors it
+    # reduces (gradient, displacement, noise), over every leaf.
+    red = jax.jit(lambda c: [sum(jnp.sum(v[a] * v[b]) for v in c.values())
+                             for a in range(3) for b in range(a, 3)])
+    fns["metrics: the 6 reductions alone, inputs in memory"] = (
+        lambda: jax.block_until_ready(red(comps)))
 
     import sgld_optax as so
     cs = so.CountSketch(n, bl.SKETCH_DIM, seed=0)
@@ -264,10 +228,9 @@ def profile(n_req, repeats, warmup, wait=0.0):
     for name, s in shapes.items():
         offsets[name] = off
         off += int(np.prod(s))
-    cols = {name: jnp.stack([c.reshape(-1) for c in comps[name][:3]], axis=1)
+    cols = {name: jnp.stack([c.reshape(-1) for c in comps[name]], axis=1)
             for name in shapes}
-
-    vecs = {name: [c.reshape(-1) for c in comps[name][:3]] for name in shapes}
+    vecs = {name: [c.reshape(-1) for c in comps[name]] for name in shapes}
 
     def hashed(v):
         # As the step does it: one scatter-add per leaf and vector.
@@ -349,69 +312,72 @@ def llc_cold_with_cache(n, chains, draws, batch):
 
 
 def bench_llc(n, chains, draws, batch, warm_repeats, wait=0.0, cache=False,
-              torch_device="cpu"):
+              torch_device="cpu", samplers=bl.SAMPLERS):
     """The LLC part: cold and warm seconds of both libraries, and estimates.
 
-    ``so.estimate_llc`` runs on JAX's default device, devinterp's loop on
+    For each sampler, ``so.estimate_llc(..., sampler=sampler)`` runs on
+    JAX's default device and devinterp's counterpart in a plain loop on
     PyTorch's ``torch_device`` (``None`` leaves devinterp out: its entries
     are then ``None``). Cold is each one's first call in this process, warm
-    the median of ``warm_repeats`` calls made in turns.
+    the median of ``warm_repeats`` calls made in turns (all samplers and
+    both libraries in one interleaved section). With ``cache``, SGLD's cold
+    start in a fresh process with a persistent compilation cache is timed
+    too. Returns the problem's sizes and ``{"samplers": {sampler: times}}``.
     """
     import sgld_optax as so
-    if not hasattr(so, "estimate_llc"):
-        msg = "so.estimate_llc is not available in this build: LLC part skipped"
-        bl.log(f"[llc] {msg}")
-        return {"skipped": msg}
     layers, x, y = bl.llc_problem(n)
     nbeta = so.default_nbeta(batch)
     params, data = bl.llc_inputs(layers, x, y)
 
-    def ours(seed):
-        return bl.llc_ours(params, data, chains, draws, batch, seed)
+    def ours(sampler, seed):
+        return bl.run_quietly(bl.llc_ours, params, data, chains, draws, batch,
+                              seed, sampler=sampler)
 
-    def theirs(seed):
-        return bl.torch_llc(layers, x, y, chains=chains, draws=draws,
-                            batch=batch, nbeta=nbeta, seed=seed,
-                            device=torch_device)
+    def theirs(sampler, seed):
+        return bl.run_quietly(bl.torch_llc, layers, x, y, chains=chains,
+                              draws=draws, batch=batch, nbeta=nbeta,
+                              seed=seed, device=torch_device, sampler=sampler)
 
+    out = {"n": n, "chains": chains, "draws": draws, "batch": batch,
+           "params": bl.llc_num_params(), "nbeta": nbeta, "samplers": {}}
     bl.log(f"[llc] {chains} chains x {draws} draws, batch {batch}, n={n}: "
            "cold runs")
     if wait > 0:
         bl.wait_for_idle(wait, window_s=2.0)
     monitor = bl.LoadMonitor()
-    t0 = time.perf_counter()
-    r_ours = bl.run_quietly(ours, 0)
-    ours_cold = time.perf_counter() - t0
-    llc_theirs = theirs_cold = None
-    if torch_device is not None:
+    for sampler in samplers:
+        r = out["samplers"][sampler] = {"devinterp_cold_s": None,
+                                        "devinterp_llc": None,
+                                        "ours_cached_cold_s": None}
         t0 = time.perf_counter()
-        llc_theirs = bl.run_quietly(theirs, 0)
-        theirs_cold = time.perf_counter() - t0
-    cold_busy = monitor.others()
+        r["ours_llc"] = float(ours(sampler, 0).llc_mean)
+        r["ours_cold_s"] = time.perf_counter() - t0
+        if torch_device is not None:
+            t0 = time.perf_counter()
+            r["devinterp_llc"] = theirs(sampler, 0)
+            r["devinterp_cold_s"] = time.perf_counter() - t0
+    out["cold_busy"] = monitor.others()
     bl.log(f"[llc] warm runs ({warm_repeats} each)")
-    warm = {"ours": lambda: bl.run_quietly(ours, 1)}
-    if torch_device is not None:
-        warm["devinterp"] = lambda: bl.run_quietly(theirs, 1)
-    t, warm_busy = _timed(warm, warm_repeats, 0, wait)
-    n_params = bl.llc_num_params()
-    cached = None
-    if cache:
+    warm = {}
+    for sampler in samplers:
+        warm[f"ours {sampler}"] = (lambda s=sampler: ours(s, 1))
+        if torch_device is not None:
+            warm[f"devinterp {sampler}"] = (lambda s=sampler: theirs(s, 1))
+    t, out["warm_busy"] = _timed(warm, warm_repeats, 0, wait)
+    for sampler in samplers:
+        r = out["samplers"][sampler]
+        r["ours_warm_s"] = float(np.median(t[f"ours {sampler}"]))
+        r["devinterp_warm_s"] = (
+            float(np.median(t[f"devinterp {sampler}"]))
+            if torch_device is not None else None)
+    if cache and "sgld" in samplers:
         bl.log("[llc] cold runs in fresh processes with a persistent "
                "compilation cache")
         if wait > 0:
             bl.wait_for_idle(wait, window_s=2.0)
-        cached, _ = llc_cold_with_cache(n, chains, draws, batch)
-    return {
-        "ours_cached_cold_s": cached,
-        "n": n, "chains": chains, "draws": draws, "batch": batch,
-        "params": n_params, "nbeta": nbeta,
-        "ours_cold_s": ours_cold, "devinterp_cold_s": theirs_cold,
-        "ours_warm_s": float(np.median(t["ours"])),
-        "devinterp_warm_s": (float(np.median(t["devinterp"]))
-                             if "devinterp" in t else None),
-        "ours_llc": float(r_ours.llc_mean), "devinterp_llc": llc_theirs,
-        "cold_busy": cold_busy, "warm_busy": warm_busy,
-    }
+        out["samplers"]["sgld"]["ours_cached_cold_s"], _ = (
+            llc_cold_with_cache(n, chains, draws, batch))
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -421,137 +387,19 @@ def _target_row(rows):
     return min(rows, key=lambda r: abs(math.log(r["n"] / TARGET_SIZE)))
 
 
-def _kernels(row, mode):
-    k = row["modes"][mode].get("kernels")
-    return k if isinstance(k, dict) and "by_kind" in k else None
+def targets(rows, memory, llc):
+    """The performance targets, judged on this run's figures.
 
-
-def _why(key, r, memory, llc, prof):
-    """A one-line explanation of a missed target, from this run's profile."""
-    kp = {m: _kernels(r, m) for m in bl.MODES}
-    noise_kind, other_kind = bl.KINDS[3], bl.KINDS[4]
-    ms = {m: r["modes"][m]["ours_ms"] for m in bl.MODES}
-    if key.startswith("step "):
-        mode = key.split()[1]
-        m = r["modes"][mode]
-        text = (f"ours {m['ours_ms']:.3g} ms vs devinterp "
-                f"{m['devinterp_ms']:.3g} ms")
-        if kp[mode]:
-            text += (f"; noise kernels {kp[mode]['by_kind'][noise_kind]:.3g} "
-                     "ms of our step")
-        return text
-    if key in ("metrics", "sketch"):
-        extra = ms[key] - ms["plain"]
-        text = f"+{extra:.3g} ms over the plain step"
-        # The same work timed alone, on inputs already in memory: when it
-        # alone exceeds the budget, no XLA program of the step meets it.
-        alone_key, what, limit = {
-            "metrics": ("metrics: the 6 reductions alone, inputs in memory",
-                        "the six reductions alone, on inputs in memory,",
-                        1.25),
-            "sketch": ("sketch: hash + scatter-add of 3 columns",
-                       "hashing and scatter-adding the three vectors alone",
-                       1.5)}[key]
-        alone = (prof or {}).get("parts", {}).get(alone_key)
-        if alone is not None:
-            budget = (limit - 1) * ms["plain"]
-            text += (f"; {what} take {alone:.3g} ms, "
-                     f"{'more' if alone > budget else 'less'} than the "
-                     f"{budget:.3g} ms the target allows")
-        faults = r["modes"][key].get("minor_faults")
-        temp = r["modes"][key].get("ours_temp_bytes")
-        if faults and temp:
-            text += (f"; its {temp / 2**20:.3g} MiB of XLA scratch costs "
-                     f"{faults:,.0f} minor page faults per step (see "
-                     "[the allocator](#scratch-memory-and-the-allocator))")
-        if kp[key] and kp["plain"]:
-            bk = kp[key]["by_kind"]
-            k_mode = kp[key]["kernels_with_threefry"]
-            k_plain = kp["plain"]["kernels_with_threefry"]
-            if k_mode > k_plain:
-                text += (f"; Threefry is computed in {k_mode} kernels "
-                         f"(plain: {k_plain}): the noise is recomputed by "
-                         "several consumers")
-            if key == "metrics":
-                text += (f"; reductions {bk[bl.KINDS[2]]:.3g} ms, "
-                         f"temporaries and other elementwise "
-                         f"{bk[other_kind]:.3g} ms")
-            else:
-                text += (f"; hash kernels {bk[bl.KINDS[1]]:.3g} ms, "
-                         f"scatter-add {bk[bl.KINDS[0]]:.3g} ms, other "
-                         f"elementwise {bk[other_kind]:.3g} ms")
-        return text
-    if key in ("metrics wide", "sketch wide"):
-        mode = key.split()[0]
-        wide = {m: r["modes"][m]["ours_wide_ms"] for m in bl.MODES}
-        return (f"+{wide[mode] - wide['plain']:.3g} ms over the plain step "
-                f"({wide['plain']:.3g} ms) compiled the same way; with the "
-                f"options the plain step is {_versus(wide['plain'], ms['plain'])}"
-                f" and this one {_versus(wide[mode], ms[mode])} than with the "
-                "default jit")
-    if key in ("metrics native", "sketch native"):
-        mode = key.split()[0]
-        nat = {m: r["modes"][m]["ours_native_ms"] for m in bl.MODES}
-        return (f"{nat[mode]:.3g} ms vs {ms['plain']:.3g} ms for the plain "
-                f"step ({nat['plain']:.3g} ms with the kernel too)")
-    if key == "floor wide":
-        wide = r["modes"]["plain"]["ours_wide_ms"]
-        return (f"plain step {wide:.3g} ms vs {r['floor_wide_ms']:.3g} ms "
-                f"without noise; the options make the plain step "
-                f"{_versus(wide, ms['plain'])} than with the default jit")
-    if key == "floor":
-        parts = prof["parts"]
-        text = (f"the noise: plain step {ms['plain']:.3g} ms vs "
-                f"{r['floor_ms']:.3g} ms without it")
-        fused = parts.get("noise: fused Threefry normal, written in place")
-        bits = parts.get("noise: the Threefry bits alone, as uniforms")
-        if fused is not None:
-            text += f"; drawing the normals alone takes {fused:.3g} ms"
-            if bits is not None:
-                text += (f", of which the Threefry bits {bits:.3g} ms and the "
-                         f"Box-Muller transform the rest")
-        return text
-    if key == "memory":
-        return "state leaves grow faster than the initial params"
-    if key == "llc warm" and "skipped" not in llc:
-        steps = llc["draws"]
-        return (f"{llc['ours_warm_s'] / steps * 1e3:.2f} ms per step for "
-                f"all {llc['chains']} chains vs "
-                f"{llc['devinterp_warm_s'] / (steps * llc['chains']) * 1e3:.2f}"
-                " ms per chain-step in torch")
-    if key == "llc cold" and "skipped" not in llc:
-        text = (f"compilation: about "
-                f"{llc['ours_cold_s'] - llc['ours_warm_s']:.1f} s of the "
-                "first call")
-        if llc.get("ours_cached_cold_s"):
-            text += (f"; a later process with JAX's persistent compilation "
-                     f"cache starts in {llc['ours_cached_cold_s']:.2f} s "
-                     f"({_x(llc['devinterp_cold_s'] / llc['ours_cached_cold_s'])}"
-                     " the torch loop's cold time)")
-        return text
-    return ""
-
-
-def _versus(ms_with: float, ms_without: float) -> str:
-    """``"faster (a vs b ms)"`` or ``"slower (...)"``: a time against another."""
-    word = "faster" if ms_with < ms_without else "slower"
-    return f"{word} ({ms_with:.3g} vs {ms_without:.3g} ms)"
-
-
-def _options_text(options) -> str:
-    """How a row names the jit of ``so.compiler_options()``."""
-    return ("both jitted with `so.compiler_options()` ("
-            + ", ".join(f"{k}={v}" for k, v in options.items()) + ")")
-
-
-def targets(rows, memory, llc, prof):
+    Returns rows ``{"target", "measured", "status", "met"}`` (``met`` is
+    ``None`` for a target that was not run).
+    """
     out = []
     r = _target_row(rows)
 
-    def add(name, value, limit, kind, why_key, unit="x", busy=()):
+    def add(name, value, limit, kind, unit="x", busy=()):
         if value is None or not np.isfinite(value):
-            out.append({"target": name, "measured": "n/a", "status": "not run",
-                        "why": ""})
+            out.append({"target": name, "measured": "n/a",
+                        "status": "not run", "met": None})
             return
         met = value <= limit if kind == "le" else (
             value >= limit if kind == "ge" else value > limit)
@@ -565,56 +413,51 @@ def targets(rows, memory, llc, prof):
         if worst is not None and worst > BUSY:
             status += f" (timed while others used {worst:.0%} of the CPU)"
         out.append({"target": name, "measured": f"{value:.2f}{unit}",
-                    "status": status, "met": bool(met),
-                    "why": "" if met else _why(why_key, r, memory, llc, prof)})
+                    "status": status, "met": bool(met)})
 
     lab = r["label"]
-    for mode in bl.MODES:
-        m = r["modes"][mode]
-        add(f"step {mode} at {lab}: ours / devinterp <= 0.5",
-            m["ours_ms"] / m["devinterp_ms"], 0.5, "le", f"step {mode}",
-            busy=(m.get("busy"),))
-    plain = r["modes"]["plain"]["ours_ms"]
-    busy = {m: r["modes"][m].get("busy") for m in bl.MODES}
-    add(f"metrics overhead at {lab}: ours metrics / ours plain <= 1.25",
-        r["modes"]["metrics"]["ours_ms"] / plain, 1.25, "le", "metrics",
-        busy=(busy["plain"], busy["metrics"]))
-    add(f"sketch overhead at {lab}: ours sketch / ours plain <= 1.5",
-        r["modes"]["sketch"]["ours_ms"] / plain, 1.5, "le", "sketch",
-        busy=(busy["plain"], busy["sketch"]))
-    add(f"plain step at {lab} within 4x of the floor (fused update, no noise)",
-        plain / r["floor_ms"], 4.0, "le", "floor",
-        busy=(busy["plain"], r.get("floor_busy")))
-    if r.get("compiler_options"):
-        wide = {m: r["modes"][m]["ours_wide_ms"] for m in bl.MODES}
-        opts = _options_text(r["compiler_options"])
-        add(f"metrics overhead at {lab}, {opts}",
-            wide["metrics"] / wide["plain"], 1.25, "le", "metrics wide",
+    for sampler, modes in r["samplers"].items():
+        ours_name, their_name = NAMES[sampler]
+        for mode in bl.MODES:
+            m = modes[mode]
+            add(f"`{ours_name}` step, {mode}, at {lab}: ours / devinterp "
+                f"`{their_name}` <= 0.5", m["ours_ms"] / m["devinterp_ms"],
+                0.5, "le", busy=(m.get("busy"),))
+    if r["modes"]:
+        plain = r["modes"]["plain"]["ours_ms"]
+        busy = {m: r["modes"][m].get("busy") for m in bl.MODES}
+        add(f"`so.sgld` metrics overhead at {lab}: metrics / plain <= 1.25",
+            r["modes"]["metrics"]["ours_ms"] / plain, 1.25, "le",
             busy=(busy["plain"], busy["metrics"]))
-        add(f"sketch overhead at {lab}, {opts}",
-            wide["sketch"] / wide["plain"], 1.5, "le", "sketch wide",
+        add(f"`so.sgld` sketch overhead at {lab}: sketch / plain <= 1.5",
+            r["modes"]["sketch"]["ours_ms"] / plain, 1.5, "le",
             busy=(busy["plain"], busy["sketch"]))
-        add(f"plain step at {lab} within 4x of the floor, {opts}",
-            wide["plain"] / r["floor_wide_ms"], 4.0, "le", "floor wide",
+        add(f"`so.sgld` plain step at {lab} within 4x of the floor (fused "
+            "update, no noise)", plain / r["floor_ms"], 4.0, "le",
             busy=(busy["plain"], r.get("floor_busy")))
-    if r.get("native"):
-        nat = {m: r["modes"][m]["ours_native_ms"] for m in bl.MODES}
-        for mode, limit in (("metrics", 1.25), ("sketch", 1.5)):
-            add(f"{mode} overhead at {lab}, native kernel: ours {mode} with "
-                f"`native_cpu=True` / ours plain (default) <= {limit}",
-                nat[mode] / plain, limit, "le", f"{mode} native",
-                busy=(busy["plain"], busy[mode]))
     for mode in bl.MODES:
-        add(f"state memory, {mode}: <= 4 bytes/param + a constant",
-            memory[mode]["ours"]["per_param"], 4.0, "le", "memory",
-            unit=" B/param")
-    skipped = "skipped" in llc
-    add("LLC end to end, warm: >= 10x faster than the torch loop",
-        None if skipped else llc["devinterp_warm_s"] / llc["ours_warm_s"],
-        10.0, "ge", "llc warm", busy=(llc.get("warm_busy"),))
-    add("LLC end to end, cold: faster than the torch loop",
-        None if skipped else llc["devinterp_cold_s"] / llc["ours_cold_s"],
-        1.0, "gt", "llc cold", busy=(llc.get("cold_busy"),))
+        if "sgld" in memory:
+            add(f"`so.sgld` state memory, {mode}: <= 4 bytes/param + a "
+                "constant", memory["sgld"][mode]["ours"]["per_param"], 4.0,
+                "le", unit=" B/param")
+    runs = llc.get("samplers", {})
+
+    def llc_ratio(sampler, kind):
+        t = runs.get(sampler)
+        if t is None or t.get(f"devinterp_{kind}_s") is None:
+            return None
+        return t[f"devinterp_{kind}_s"] / t[f"ours_{kind}_s"]
+
+    for sampler in bl.SAMPLERS:
+        if sampler in runs:
+            add(f"LLC end to end, `sampler=\"{sampler}\"`, warm: >= 10x "
+                f"faster than devinterp's `{NAMES[sampler][1]}` loop",
+                llc_ratio(sampler, "warm"), 10.0, "ge",
+                busy=(llc.get("warm_busy"),))
+    if "sgld" in runs:
+        add("LLC end to end, `sampler=\"sgld\"`, cold: faster than the "
+            "torch loop", llc_ratio("sgld", "cold"), 1.0, "gt",
+            busy=(llc.get("cold_busy"),))
     return out
 
 
@@ -630,13 +473,44 @@ def _gbps(nbytes, ms):
     return nbytes / (ms * 1e-3) / 1e9
 
 
-def _variant_cells(ms, devinterp_ms, *ratios):
-    """Table cells of one timed variant of our step: its time, its ratio to
-    devinterp's and to each ``(denominator, format)`` of ``ratios``."""
-    if ms is None:
-        return ["n/a"] * (2 + len(ratios))
-    return ([f"{ms:.2f}", f"{ms / devinterp_ms:.2f}"]
-            + [format(ms / d, fmt) for d, fmt in ratios])
+def _step_table(rows):
+    header = ["params", "sampler", "mode", "devinterp ms", "ours ms",
+              "ours / devinterp", "vs plain", "vs floor", "busy"]
+    table = []
+    for r in rows:
+        for sampler, modes in r["samplers"].items():
+            plain = modes["plain"]["ours_ms"]
+            for mode in bl.MODES:
+                m = modes[mode]
+                table.append([
+                    f"{r['label']} ({r['n']:,})", f"`{NAMES[sampler][0]}`",
+                    mode, f"{m['devinterp_ms']:.2f}", f"{m['ours_ms']:.2f}",
+                    f"**{m['ours_ms'] / m['devinterp_ms']:.2f}**",
+                    f"{m['ours_ms'] / plain:.2f}",
+                    f"{m['ours_ms'] / r['floor_ms']:.1f}",
+                    _pct(m.get("busy"))])
+    return bl.md_table(header, table)
+
+
+def _llc_table(llc):
+    rows = []
+    for sampler, t in llc["samplers"].items():
+        ours_name = f"`sampler=\"{sampler}\"`"
+        kinds = [("cold", t["devinterp_cold_s"], t["ours_cold_s"],
+                  llc.get("cold_busy"))]
+        if t.get("ours_cached_cold_s"):
+            kinds.append(("cold, a later process, JAX persistent compilation "
+                          "cache", t["devinterp_cold_s"],
+                          t["ours_cached_cold_s"], None))
+        kinds.append(("warm", t["devinterp_warm_s"], t["ours_warm_s"],
+                      llc.get("warm_busy")))
+        for kind, d, o, busy in kinds:
+            rows.append([ours_name, kind,
+                         "n/a" if d is None else f"{d:.2f}", f"{o:.3f}",
+                         "n/a" if d is None else f"**{_x(d / o)}**",
+                         _pct(busy)])
+    return bl.md_table(["estimate_llc", "run", "torch loop s",
+                        "estimate_llc s", "speedup", "busy"], rows)
 
 
 def render(results) -> str:
@@ -662,70 +536,20 @@ def render(results) -> str:
     out.append("")
     out.append("### Targets")
     out.append("")
-    out.append(bl.md_table(["target", "measured", "status",
-                          "why (from this run's profile)"],
-                         [[t["target"], t["measured"], t["status"], t["why"]]
-                          for t in tg]))
+    out.append(bl.md_table(["target", "measured", "status"],
+                           [[t["target"], t["measured"], t["status"]]
+                            for t in tg]))
     out.append("")
     out.append("### Optimizer step")
     out.append("")
-    out.append("Milliseconds per step. *vs plain*: our step over our plain "
-               "step. *vs floor*: our step over the fused update without "
-               "noise. *GB/s*: the 16 bytes per parameter a step must move "
-               "(read w, g, w0; write w) over the step time. *busy*: the "
-               "share of the CPU other processes used while the row was "
+    out.append("Milliseconds per step; devinterp's counterparts: `SGLD` for "
+               "`so.sgld`, `SGMCMC.rmsprop_sgld` for `so.rmsprop_sgld`. *vs "
+               "plain*: our step over our plain step of the same sampler. *vs "
+               "floor*: our step over the fused update without noise. *busy*: "
+               "the share of the CPU other processes used while the row was "
                "timed.")
     out.append("")
-    wide = any(r.get("compiler_options") for r in rows)
-    if wide:
-        out.append("*Options*: our step compiled with `so.compiler_options()` ("
-                   + ", ".join(f"`{k}={v}`" for k, v in
-                               rows[0]["compiler_options"].items())
-                   + "), timed in the same turns; its *vs plain* and *vs "
-                   "floor* compare with our plain step and the fused update "
-                   "compiled the same way.")
-        out.append("")
-    native = any(r.get("native") for r in rows)
-    if native:
-        out.append("*Native*: our step built with `native_cpu=True` (one "
-                   "pass of the native CPU kernel per float32 leaf), timed "
-                   "in the same turns; its *vs plain* compares with our "
-                   "default plain step, *vs native plain* with the plain "
-                   "step built the same way.")
-        out.append("")
-    table = []
-    for r in rows:
-        plain = r["modes"]["plain"]["ours_ms"]
-        for mode in bl.MODES:
-            m = r["modes"][mode]
-            line = [
-                f"{r['label']} ({r['n']:,})", mode,
-                f"{m['devinterp_ms']:.2f}", f"{m['ours_ms']:.2f}",
-                f"**{m['ours_ms'] / m['devinterp_ms']:.2f}**",
-                f"{m['ours_ms'] / plain:.2f}",
-                f"{m['ours_ms'] / r['floor_ms']:.1f}"]
-            if wide:
-                line += _variant_cells(
-                    m.get("ours_wide_ms"), m["devinterp_ms"],
-                    (r["modes"]["plain"].get("ours_wide_ms"), ".2f"),
-                    (r["floor_wide_ms"], ".1f"))
-            if native:
-                line += _variant_cells(
-                    m.get("ours_native_ms"), m["devinterp_ms"],
-                    (plain, ".2f"),
-                    (r["modes"]["plain"].get("ours_native_ms"), ".2f"))
-            line += [f"{_gbps(16 * r['n'], m['ours_ms']):.1f}",
-                     _pct(m.get("busy"))]
-            table.append(line)
-    header = ["params", "mode", "devinterp ms", "ours ms", "ours / devinterp",
-              "vs plain", "vs floor"]
-    if wide:
-        header += ["options: ours ms", "ours / devinterp", "vs plain",
-                   "vs floor"]
-    if native:
-        header += ["native: ours ms", "ours / devinterp", "vs plain",
-                   "vs native plain"]
-    out.append(bl.md_table(header + ["ours GB/s", "busy"], table))
+    out.append(_step_table(rows))
     out.append("")
     out.append("### The floor")
     out.append("")
@@ -735,39 +559,39 @@ def render(results) -> str:
     out.append("")
     out.append(bl.md_table(
         ["params", "fused update ms", "update GB/s (16 B/param)", "copy ms",
-         "copy GB/s (8 B/param)", "our plain step / update"]
-        + (["options: fused update ms", "our plain step / update"]
-           if wide else []),
+         "copy GB/s (8 B/param)", "our SGLD plain step / update"],
         [[f"{r['label']} ({r['n']:,})", f"{r['floor_ms']:.2f}",
           f"{_gbps(16 * r['n'], r['floor_ms']):.1f}", f"{r['copy_ms']:.2f}",
           f"{_gbps(8 * r['n'], r['copy_ms']):.1f}",
-          f"{r['modes']['plain']['ours_ms'] / r['floor_ms']:.1f}"]
-         + ([f"{r['floor_wide_ms']:.2f}",
-             f"{r['modes']['plain']['ours_wide_ms'] / r['floor_wide_ms']:.1f}"]
-            if wide else [])
+          (f"{r['modes']['plain']['ours_ms'] / r['floor_ms']:.1f}"
+           if r["modes"] else "n/a")]
          for r in rows]))
     out.append("")
     out.append("### Memory")
     out.append("")
     out.append("Bytes the sampler keeps beyond the params, fitted as "
                "*bytes/param x n + constant* over two sizes (devinterp: "
-               "`initial_param` copies, and when sketching an int64 bucket and "
-               "a float32 sign per param; ours: the `SGLDState` leaves). "
-               "*Scratch*: XLA's temporary buffers of our compiled step at the "
-               "largest size, per param (freed after the step).")
+               "copies of the initial params, RMSprop's running mean, and "
+               "when sketching an int64 bucket and a float32 sign per param; "
+               "ours: the state's leaves). *Scratch*: XLA's temporary buffers "
+               "of our compiled step at the largest size, per param (freed "
+               "after the step).")
     out.append("")
     big = rows[-1]
     mem_rows = []
-    for mode in bl.MODES:
-        f = memory[mode]
-        temp = big["modes"][mode]["ours_temp_bytes"]
-        mem_rows.append([
-            mode,
-            f"{f['devinterp']['per_param']:.2f} + {f['devinterp']['constant']:.0f} B",
-            f"{f['ours']['per_param']:.2f} + {f['ours']['constant']:.0f} B",
-            "n/a" if temp is None else f"{temp / big['n']:.2f}"])
-    out.append(bl.md_table(["mode", "devinterp", "ours",
-                          f"ours scratch B/param ({big['label']})"], mem_rows))
+    for sampler, modes in memory.items():
+        for mode in bl.MODES:
+            f = modes[mode]
+            temp = big["samplers"][sampler][mode]["ours_temp_bytes"]
+            mem_rows.append([
+                f"`{NAMES[sampler][0]}`", mode,
+                f"{f['devinterp']['per_param']:.2f} + "
+                f"{f['devinterp']['constant']:.0f} B",
+                f"{f['ours']['per_param']:.2f} + {f['ours']['constant']:.0f} B",
+                "n/a" if temp is None else f"{temp / big['n']:.2f}"])
+    out.append(bl.md_table(["sampler", "mode", "devinterp", "ours",
+                            f"ours scratch B/param ({big['label']})"],
+                           mem_rows))
     out.append("")
     out.append("### LLC end to end")
     out.append("")
@@ -779,35 +603,33 @@ def render(results) -> str:
             f"params), {llc['n']:,} synthetic regression points, batch "
             f"{llc['batch']}, {llc['chains']} chains x {llc['draws']} draws, "
             f"lr {bl.LLC_LR:g}, localization {bl.LLC_LOCALIZATION:g}, nbeta "
-            f"{llc['nbeta']:.3g}. Torch: devinterp's `SGLD` in a plain loop, "
-            "chain after chain. Ours: `so.estimate_llc` (all chains vmapped in "
+            f"{llc['nbeta']:.3g}. Torch: devinterp's `SGLD` or "
+            "`SGMCMC.rmsprop_sgld` in a plain loop, chain after chain. Ours: "
+            "`so.estimate_llc` with the same sampler (all chains vmapped in "
             "one compiled program). Cold: the first call in the process "
             "(compilation included); warm: median of later calls.")
         out.append("")
-        out.append(bl.md_table(
-            ["", "torch loop s", "estimate_llc s", "speedup", "busy"],
-            [["cold", f"{llc['devinterp_cold_s']:.2f}",
-              f"{llc['ours_cold_s']:.2f}",
-              f"**{_x(llc['devinterp_cold_s'] / llc['ours_cold_s'])}**",
-              _pct(llc.get("cold_busy"))],
-             *([["cold, a later process, JAX persistent compilation cache",
-                 f"{llc['devinterp_cold_s']:.2f}",
-                 f"{llc['ours_cached_cold_s']:.2f}",
-                 f"**{_x(llc['devinterp_cold_s'] / llc['ours_cached_cold_s'])}**",
-                 "-"]] if llc.get("ours_cached_cold_s") else []),
-             ["warm", f"{llc['devinterp_warm_s']:.2f}",
-              f"{llc['ours_warm_s']:.3f}",
-              f"**{_x(llc['devinterp_warm_s'] / llc['ours_warm_s'])}**",
-              _pct(llc.get("warm_busy"))]]))
+        out.append(_llc_table(llc))
         out.append("")
-        out.append(f"LLC estimates (a check that both did the same work): "
-                   f"torch loop {llc['devinterp_llc']:.3g}, estimate_llc "
-                   f"{llc['ours_llc']:.3g}.")
+        out.append("LLC estimates (a check that both did the same work): "
+                   + "; ".join(
+                       f"{s}: torch loop "
+                       + ("n/a" if t["devinterp_llc"] is None
+                          else f"{t['devinterp_llc']:.3g}")
+                       + f", estimate_llc {t['ours_llc']:.3g}"
+                       for s, t in llc["samplers"].items()) + ".")
     out.append("")
-    out.append(f"### Where our step's time goes ({prof['label']}, "
-               f"{prof['n']:,} params)")
-    out.append("")
-    r = next(x for x in rows if x["label"] == prof["label"])
+    r = next((x for x in rows if x["label"] == prof["label"]), None)
+    if r is not None and r["modes"]:
+        out += _profile_lines(r, prof)
+    out.append(f"![Step time against parameter count]({PLOT})")
+    return "\n".join(out)
+
+
+def _profile_lines(r, prof):
+    """The tables of where our SGLD step's time goes, at one size."""
+    out = [f"### Where our SGLD step's time goes ({prof['label']}, "
+           f"{prof['n']:,} params)", ""]
     pm = {m: r["modes"][m]["ours_ms"] for m in bl.MODES}
     parts = [["whole step, plain", f"{pm['plain']:.2f}"],
              ["whole step, metrics", f"{pm['metrics']:.2f}"],
@@ -822,43 +644,40 @@ def render(results) -> str:
     out.append(bl.md_table(["part", "ms"], parts))
     out.append("")
     kps = {m: r["modes"][m].get("kernels") for m in bl.MODES}
-    if all(isinstance(k, dict) and "by_kind" in k for k in kps.values()):
-        n_leaves = len(bl.leaf_shapes(r["requested"]))
-        out.append(
-            "Kernel by kernel, from JAX's profiler (`jax.profiler.trace`) over "
-            "our compiled steps: milliseconds per step by kind of kernel, "
-            "from what each XLA kernel computes. Kernels can run side by side "
-            "on the two cores, so the sum can exceed the step's time.")
-        out.append("")
-        kind_rows = [[kind] + [f"{kps[m]['by_kind'][kind]:.2f}"
-                               for m in bl.MODES] for kind in bl.KINDS]
-        kind_rows.append(["sum of kernel times"] + [
-            f"{kps[m]['total_ms']:.2f}" for m in bl.MODES])
-        kind_rows.append([f"kernels computing Threefry bits ({n_leaves} "
-                          "leaves)"] + [str(kps[m]["kernels_with_threefry"])
-                                        for m in bl.MODES])
-        faults = [r["modes"][m].get("minor_faults") for m in bl.MODES]
-        if all(f is not None for f in faults):
-            kind_rows.append(["minor page faults per step (the process)"]
-                             + [f"{f:,.0f}" for f in faults])
-        out.append(bl.md_table(["kind of kernel"] + list(bl.MODES), kind_rows))
-        out.append("")
-        top = []
-        for m in bl.MODES:
-            for name, ms, tags, op in kps[m]["top"][:5]:
-                top.append([m, f"`{name}`", f"{ms:.2f}",
-                            ", ".join(tags) or "-", f"`{op}`"])
-        out.append("The five longest kernels of each step:")
-        out.append("")
-        out.append(bl.md_table(["step", "kernel", "ms", "computes", "op"], top))
-        out.append("")
-    else:
+    if not all(isinstance(k, dict) and "by_kind" in k for k in kps.values()):
         errs = {m: k for m, k in kps.items() if not (
             isinstance(k, dict) and "by_kind" in k)}
-        out.append(f"Kernel profile not available: {errs}.")
-        out.append("")
-    out.append(f"![Step time against parameter count]({PLOT})")
-    return "\n".join(out)
+        return out + [f"Kernel profile not available: {errs}.", ""]
+    n_leaves = len(bl.leaf_shapes(r["requested"]))
+    out.append(
+        "Kernel by kernel, from JAX's profiler (`jax.profiler.trace`) over "
+        "our compiled steps: milliseconds per step by kind of kernel, "
+        "from what each XLA kernel computes. Kernels can run side by side "
+        "on several cores, so the sum can exceed the step's time.")
+    out.append("")
+    kind_rows = [[kind] + [f"{kps[m]['by_kind'][kind]:.2f}"
+                           for m in bl.MODES] for kind in bl.KINDS]
+    kind_rows.append(["sum of kernel times"] + [
+        f"{kps[m]['total_ms']:.2f}" for m in bl.MODES])
+    kind_rows.append([f"kernels computing Threefry bits ({n_leaves} "
+                      "leaves)"] + [str(kps[m]["kernels_with_threefry"])
+                                    for m in bl.MODES])
+    faults = [r["modes"][m].get("minor_faults") for m in bl.MODES]
+    if all(f is not None for f in faults):
+        kind_rows.append(["minor page faults per step (the process)"]
+                         + [f"{f:,.0f}" for f in faults])
+    out.append(bl.md_table(["kind of kernel"] + list(bl.MODES), kind_rows))
+    out.append("")
+    top = []
+    for m in bl.MODES:
+        for name, ms, tags, op in kps[m]["top"][:5]:
+            top.append([m, f"`{name}`", f"{ms:.2f}",
+                        ", ".join(tags) or "-", f"`{op}`"])
+    out.append("The five longest kernels of each step:")
+    out.append("")
+    out.append(bl.md_table(["step", "kernel", "ms", "computes", "op"], top))
+    out.append("")
+    return out
 
 
 def _others_note(results):
@@ -876,39 +695,37 @@ def _others_note(results):
 
 
 def plot(rows, path):
+    """Step time against parameter count: one panel per sampler, both
+    libraries' three modes, and the floor."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), dpi=120)
-    ax = fig.add_subplot(1, 1, 1)
+    samplers = list(rows[0]["samplers"])
+    fig = Figure(figsize=(6 * len(samplers), 4.5), dpi=120)
     ns = [r["n"] for r in rows]
     colors = {"plain": "C0", "metrics": "C1", "sketch": "C2"}
-    for mode in bl.MODES:
-        ax.plot(ns, [r["modes"][mode]["devinterp_ms"] for r in rows], "--o",
-                color=colors[mode], label=f"devinterp {mode}")
-        ax.plot(ns, [r["modes"][mode]["ours_ms"] for r in rows], "-s",
-                color=colors[mode], label=f"sgld_optax {mode}")
-    if all(r["modes"]["plain"].get("ours_wide_ms") for r in rows):
-        ax.plot(ns, [r["modes"]["plain"]["ours_wide_ms"] for r in rows], "-.D",
-                color=colors["plain"], label="sgld_optax plain, "
-                "so.compiler_options()")
-    for mode in bl.MODES:
-        if all(r["modes"][mode].get("ours_native_ms") for r in rows):
-            ax.plot(ns, [r["modes"][mode]["ours_native_ms"] for r in rows],
-                    "-x", color=colors[mode],
-                    label=f"sgld_optax {mode}, native_cpu=True")
-    ax.plot(ns, [r["floor_ms"] for r in rows], ":^", color="0.3",
-            label="fused update, no noise")
-    ax.plot(ns, [r["copy_ms"] for r in rows], ":v", color="0.6",
-            label="copy of the params")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("ms per step (median)")
-    ax.set_title("SGLD step time, CPU")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    axes = [fig.add_subplot(1, len(samplers), i + 1)
+            for i in range(len(samplers))]
+    for ax, sampler in zip(axes, samplers):
+        ours_name, their_name = NAMES[sampler]
+        for mode in bl.MODES:
+            ms = [r["samplers"][sampler][mode] for r in rows]
+            ax.plot(ns, [m["devinterp_ms"] for m in ms], "--o",
+                    color=colors[mode], label=f"devinterp {mode}")
+            ax.plot(ns, [m["ours_ms"] for m in ms], "-s",
+                    color=colors[mode], label=f"sgld_optax {mode}")
+        ax.plot(ns, [r["floor_ms"] for r in rows], ":^", color="0.3",
+                label="fused update, no noise")
+        ax.plot(ns, [r["copy_ms"] for r in rows], ":v", color="0.6",
+                label="copy of the params")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("ms per step (median)")
+        ax.set_title(f"{ours_name} vs {their_name}, CPU")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -933,6 +750,9 @@ def main(argv=None):
     p.add_argument("--inner", type=int,
                    help="steps per timed call, back to back (default 5, 1 "
                    "with --quick)")
+    p.add_argument("--samplers", default=",".join(bl.SAMPLERS),
+                   help="comma-separated samplers to time against devinterp "
+                   "(default %(default)s)")
     p.add_argument("--no-llc", action="store_true",
                    help="skip the end-to-end LLC benchmark")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"),
@@ -944,6 +764,10 @@ def main(argv=None):
                    "with --quick): timings on a busy machine are inflated, "
                    "PyTorch's multi-threaded ones most")
     args = p.parse_args(argv)
+    samplers = tuple(x.strip() for x in args.samplers.split(",") if x.strip())
+    for sampler in samplers:
+        if sampler not in bl.SAMPLERS:
+            p.error(f"unknown sampler {sampler!r}; choose from {bl.SAMPLERS}")
 
     sizes = ([bl.parse_size(s) for s in args.sizes.split(",")] if args.sizes
              else [bl.parse_size("16K")] if args.quick
@@ -976,20 +800,21 @@ def main(argv=None):
 
     profile_size = min(sizes, key=lambda n: abs(math.log(n / TARGET_SIZE)))
     rows = bench_sizes(sizes, repeats_for, warmup, profile_size,
-                       args.wait_idle, inner)
+                       args.wait_idle, inner, samplers)
     for r in rows:
         r["repeats"] = repeats_for(r["n"])
         r["inner"] = inner
-    memory = memory_fit()
+    memory = memory_fit(samplers)
     profile_n = sum(math.prod(s) for s in bl.leaf_shapes(profile_size).values())
     prof = profile(profile_size, repeats_for(profile_n), warmup, args.wait_idle)
     if args.no_llc:
         llc = {"skipped": "--no-llc was given"}
     elif args.quick:
-        llc = bench_llc(n=512, chains=2, draws=20, batch=64, warm_repeats=1)
+        llc = bench_llc(n=512, chains=2, draws=20, batch=64, warm_repeats=1,
+                        samplers=samplers)
     else:
         llc = bench_llc(n=4096, chains=8, draws=500, batch=64, warm_repeats=3,
-                        wait=args.wait_idle, cache=True)
+                        wait=args.wait_idle, cache=True, samplers=samplers)
 
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": command,
@@ -1002,7 +827,7 @@ def main(argv=None):
         bl.log(f"[warning] other processes used "
                f"{results['others_cpu_share']:.0%} of the CPU during the run: "
                "timings are inflated, PyTorch's multi-threaded ones most")
-    results["targets"] = targets(rows, memory, llc, prof)
+    results["targets"] = targets(rows, memory, llc)
     results["wall_s"] = time.perf_counter() - t_start
 
     generated = render(results)

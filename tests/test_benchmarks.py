@@ -10,6 +10,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from sgld_testing import load_benchmark
@@ -36,45 +37,45 @@ def test_quick_run_writes_page_plot_and_results(tmp_path):
     page = (tmp_path / "benchmarks.md").read_text()
     for heading in ("### Targets", "### Optimizer step", "### The floor",
                     "### Memory", "### LLC end to end",
-                    "### Where our step's time goes"):
+                    "### Where our SGLD step's time goes"):
         assert heading in page
     assert "benchmark_step_time.png" in page
     assert (tmp_path / "benchmark_step_time.png").read_bytes()[:8] == (
         b"\x89PNG\r\n\x1a\n")
     results = json.loads((tmp_path / "results.json").read_text())
     (row,) = results["steps"]
-    for mode in ("plain", "metrics", "sketch"):
-        assert row["modes"][mode]["ours_ms"] > 0
-        assert row["modes"][mode]["devinterp_ms"] > 0
+    # Both samplers, each against its devinterp counterpart, in every mode.
+    assert set(row["samplers"]) == {"sgld", "rmsprop_sgld"}
+    for sampler in ("sgld", "rmsprop_sgld"):
+        for mode in ("plain", "metrics", "sketch"):
+            m = row["samplers"][sampler][mode]
+            assert m["ours_ms"] > 0 and m["devinterp_ms"] > 0
+            assert "|" + f" `so.{sampler}` | {mode} |" in page
+    assert row["modes"] == row["samplers"]["sgld"]
     assert row["floor_ms"] > 0 and row["copy_ms"] > 0
-    # Where so.compiler_options() sets anything, our steps and the floor are
-    # also timed compiled with it, and three more targets are judged.
-    import sgld_optax as so
-    wide = so.compiler_options("cpu")
-    assert row["compiler_options"] == wide
-    for mode in ("plain", "metrics", "sketch"):
-        assert (row["modes"][mode]["ours_wide_ms"] > 0) if wide else (
-            row["modes"][mode]["ours_wide_ms"] is None)
-    assert (row["floor_wide_ms"] > 0) if wide else row["floor_wide_ms"] is None
-    # Both keep the initial params: 4 bytes per float32 param; devinterp's
-    # sketch tables add 12 more.
-    assert results["memory"]["plain"]["ours"]["per_param"] == pytest.approx(4)
-    assert results["memory"]["sketch"]["devinterp"]["per_param"] == (
+    memory = results["memory"]
+    # Both keep the initial params, 4 bytes per float32 param; devinterp's
+    # sketch tables add 12 more (an int64 bucket and a float32 sign), and
+    # RMSprop's running mean 4 more on both sides.
+    assert memory["sgld"]["plain"]["ours"]["per_param"] == pytest.approx(4)
+    assert memory["sgld"]["sketch"]["devinterp"]["per_param"] == (
         pytest.approx(16))
-    llc = results["llc"]
-    if "skipped" not in llc:
-        assert llc["ours_warm_s"] > 0 and llc["devinterp_warm_s"] > 0
-    # Where the native CPU kernel builds, our steps are also timed with
-    # native_cpu=True, and two more targets are judged.
-    assert row["native"] is True
-    for mode in ("plain", "metrics", "sketch"):
-        assert row["modes"][mode]["ours_native_ms"] > 0
-    assert len(results["targets"]) == (14 if wide else 11) + 2
-    assert sum("native_cpu=True" in t["target"]
-               for t in results["targets"]) == 2
-    assert "native: ours ms" in page
-    if wide:
-        assert "so.compiler_options()" in page
+    assert memory["rmsprop_sgld"]["plain"]["ours"]["per_param"] == (
+        pytest.approx(8))
+    assert memory["rmsprop_sgld"]["plain"]["devinterp"]["per_param"] == (
+        pytest.approx(8))
+    llc = results["llc"]["samplers"]
+    assert set(llc) == {"sgld", "rmsprop_sgld"}
+    for r in llc.values():
+        assert r["ours_warm_s"] > 0 and r["devinterp_warm_s"] > 0
+        assert np.isfinite(r["ours_llc"]) and np.isfinite(r["devinterp_llc"])
+    # 6 step ratios, 3 SGLD overheads, 3 memory rows, 2 warm LLC rows and a
+    # cold one.
+    names = [t["target"] for t in results["targets"]]
+    assert len(names) == 15
+    assert sum("`so.rmsprop_sgld` step" in t for t in names) == 3
+    assert any('sampler="rmsprop_sgld"' in t for t in names)
+    assert "native_cpu" not in page and "compiler_options" not in page
     # A --out run leaves the docs alone.
     assert sorted((ROOT / "docs").rglob("*")) == docs_before
 
@@ -93,44 +94,76 @@ def test_page_keeps_text_outside_the_markers(tmp_path):
     assert run.BEGIN in fresh.read_text() and "table" in fresh.read_text()
 
 
-def test_overhead_rows_compare_the_work_alone_with_the_budget():
-    run = load_benchmark("run")
-    row = {"modes": {"plain": {"ours_ms": 10.0}, "metrics": {"ours_ms": 30.0},
-                     "sketch": {"ours_ms": 40.0}}}
-    prof = {"parts": {
-        "metrics: the 6 reductions alone, inputs in memory": 7.0,
-        "sketch: hash + scatter-add of 3 columns": 4.0}}
-    # Budgets: 0.25 x 10 ms for metrics, 0.5 x 10 ms for sketches.
-    why = run._why("metrics", row, None, {}, prof)
-    assert "+20 ms over the plain step" in why
-    assert "take 7 ms, more than the 2.5 ms the target allows" in why
-    why = run._why("sketch", row, None, {}, prof)
-    assert "take 4 ms, less than the 5 ms the target allows" in why
-    assert "page faults" not in why
-    # Measured page faults of the step's scratch are reported with it.
-    row["modes"]["metrics"].update(minor_faults=8192.0,
-                                   ours_temp_bytes=32 << 20)
-    why = run._why("metrics", row, None, {}, prof)
-    assert "its 32 MiB of XLA scratch costs 8,192 minor page faults" in why
-    # Without the parts (they are best effort) the sentence is left out.
-    assert "allows" not in run._why("metrics", row, None, {}, {"parts": {}})
+def _row(label, n, times, floor_ms=2.0):
+    """A step row of ``run.bench_sizes`` with ``times[sampler][mode] =
+    (ours ms, devinterp ms)``."""
+    samplers = {s: {m: {"ours_ms": o, "devinterp_ms": d, "busy": 0.0}
+                    for m, (o, d) in modes.items()}
+                for s, modes in times.items()}
+    return {"label": label, "n": n, "samplers": samplers,
+            "modes": samplers.get("sgld", {}), "floor_ms": floor_ms,
+            "floor_busy": 0.0}
 
 
-def test_options_rows_say_whether_the_options_helped():
-    # 512-bit vectors speed up the step on some CPUs and slow it on others:
-    # the page says which, from the run's own times.
+def test_targets_are_judged_on_the_row_nearest_4m():
     run = load_benchmark("run")
-    row = {"modes": {"plain": {"ours_ms": 7.0, "ours_wide_ms": 8.0},
-                     "metrics": {"ours_ms": 20.0, "ours_wide_ms": 18.0},
-                     "sketch": {"ours_ms": 30.0, "ours_wide_ms": 28.0}},
-           "floor_wide_ms": 1.5}
-    why = run._why("metrics wide", row, None, {}, None)
-    assert "+10 ms over the plain step (8 ms) compiled the same way" in why
-    assert "plain step is slower (8 vs 7 ms)" in why
-    assert "this one faster (18 vs 20 ms)" in why
-    why = run._why("floor wide", row, None, {}, None)
-    assert why.startswith("plain step 8 ms vs 1.5 ms without noise")
-    assert "slower (8 vs 7 ms)" in why
+    far = _row("1M", 1 << 20, {
+        s: {m: (100.0, 1.0) for m in ("plain", "metrics", "sketch")}
+        for s in ("sgld", "rmsprop_sgld")})
+    near = _row("4M", 4 << 20, {
+        "sgld": {"plain": (6.0, 20.0), "metrics": (9.0, 80.0),
+                 "sketch": (12.0, 100.0)},
+        "rmsprop_sgld": {"plain": (12.0, 20.0), "metrics": (10.0, 80.0),
+                         "sketch": (20.0, 100.0)}})
+    memory = {s: {m: {"ours": {"per_param": 4.0}} for m in
+                  ("plain", "metrics", "sketch")} for s in ("sgld",)}
+    llc = {"samplers": {
+        "sgld": {"devinterp_warm_s": 2.0, "ours_warm_s": 0.1,
+                 "devinterp_cold_s": 2.0, "ours_cold_s": 4.0},
+        "rmsprop_sgld": {"devinterp_warm_s": 3.0, "ours_warm_s": 0.5,
+                         "devinterp_cold_s": 3.0, "ours_cold_s": 1.0}},
+        "warm_busy": 0.0, "cold_busy": 0.0}
+    got = {t["target"]: t for t in run.targets([far, near], memory, llc)}
+    assert len(got) == 15
+
+    def find(*words):
+        (t,) = [t for name, t in got.items() if all(w in name for w in words)]
+        return t
+
+    # Ratios by hand: 12 / 20 = 0.6 against 0.5, 20 / 100 = 0.2.
+    t = find("`so.rmsprop_sgld` step, plain, at 4M")
+    assert t["measured"] == "0.60x" and t["status"] == "missed: 1.20x over"
+    assert find("`so.rmsprop_sgld` step, sketch")["status"] == "met"
+    assert find("`so.sgld` step, plain")["measured"] == "0.30x"
+    # Overheads over the SGLD plain step: 9 / 6 = 1.5 against 1.25,
+    # 12 / 6 = 2 against 1.5; the floor: 6 / 2 = 3 against 4.
+    assert find("metrics overhead")["status"] == "missed: 1.20x over"
+    assert find("sketch overhead")["status"] == "missed: 1.33x over"
+    assert find("within 4x of the floor")["measured"] == "3.00x"
+    # LLC: 2 / 0.1 = 20x warm (met), 3 / 0.5 = 6x (short of 10x by 1.67x),
+    # cold 2 / 4 = 0.5 (not faster).
+    assert find('sampler="sgld"', "warm")["status"] == "met"
+    assert find('sampler="rmsprop_sgld"', "warm")["status"] == (
+        "missed: 1.67x short")
+    assert find("cold")["met"] is False
+
+
+def test_targets_say_which_were_timed_on_a_busy_machine():
+    run = load_benchmark("run")
+    row = _row("4M", 4 << 20, {"sgld": {
+        m: (1.0, 4.0) for m in ("plain", "metrics", "sketch")}})
+    row["samplers"]["sgld"]["plain"]["busy"] = 0.5
+    memory = {"sgld": {m: {"ours": {"per_param": 4.0}}
+                       for m in ("plain", "metrics", "sketch")}}
+    got = run.targets([row], memory, {"skipped": "--no-llc was given"})
+    plain = next(t for t in got if "step, plain" in t["target"])
+    assert plain["status"] == "met (timed while others used 50% of the CPU)"
+    metrics = next(t for t in got if "step, metrics" in t["target"])
+    assert metrics["status"] == "met"
+    # Without an LLC run there are no LLC targets, and no rmsprop rows
+    # without rmsprop timings.
+    assert not any("LLC" in t["target"] or "rmsprop" in t["target"]
+                   for t in got)
 
 
 @pytest.mark.skipif(sys.platform != "linux",
@@ -189,7 +222,8 @@ def test_gpu_script_runs_on_cpu_when_allowed(tmp_path):
     page.write_text(f"# Page\n\nbefore\n\n{gpu.BEGIN}\nstale tables\n"
                     f"{gpu.END}\n\nafter\n")
     result = _run(["benchmarks/gpu.py", "--allow-cpu", "--sizes", "4K",
-                   "--modes", "plain,sketch", "--repeats", "1", "--inner", "2",
+                   "--modes", "plain,sketch", "--samplers", "rmsprop_sgld",
+                   "--repeats", "1", "--inner", "2",
                    "--llc-repeats", "1", "--llc-draws", "5", "--out", str(out),
                    "--page", str(page)], timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -200,13 +234,17 @@ def test_gpu_script_runs_on_cpu_when_allowed(tmp_path):
     assert written.startswith("# Page\n\nbefore\n\n" + gpu.BEGIN)
     assert written.endswith(gpu.END + "\n\nafter\n")
     assert "stale tables" not in written and text.strip() in written
-    assert "| plain |" in text and "copy of the params" in text
-    sketch = next(line for line in text.splitlines() if "| sketch |" in line)
+    lines = text.splitlines()
+    assert "copy of the params" in text
+    # Only the samplers asked for.
+    assert not any("| sgld |" in line for line in lines)
+    assert any("| rmsprop_sgld | plain |" in line for line in lines)
+    sketch = next(line for line in lines if "| rmsprop_sgld | sketch |" in line)
     cells = [c.strip() for c in sketch.strip("|").split("|")]
     # devinterp ms, ours ms, ratio, overhead over our plain step, kernels.
-    assert all(float(c) > 0 for c in cells[2:7]), cells
+    assert all(float(c) > 0 for c in cells[3:8]), cells
     assert "LLC end to end" in text
-    assert any(line.startswith("| warm |") for line in text.splitlines())
+    assert any(line.startswith("| rmsprop_sgld | warm |") for line in lines)
 
 
 @pytest.mark.parametrize("hlo, kernels", [
