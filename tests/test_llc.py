@@ -5,6 +5,10 @@ form, under the conditions in which the estimator is consistent:
 
 * regular linear regression, ``lambda = d / 2``: the weights are the
   least-squares fit (the empirical minimiser), so nothing drifts downhill;
+* noiseless regular linear regression, full batch, for several samplers:
+  the loss is exactly quadratic, so the discrete chain's stationary
+  expectation (``d / 2`` inflated by the finite step) is known in closed
+  form;
 * deep linear networks, Aoyagi's ``lambda``: noiseless data, so the empirical
   minimisers are exactly the true parameters; ``w*`` is a deepest true
   parameter (the origin for rank 0, every layer of rank exactly ``r``
@@ -14,6 +18,7 @@ form, under the conditions in which the estimator is consistent:
   that the singular directions are not cut off.
 """
 
+import functools
 import importlib.util
 import math
 import os
@@ -21,7 +26,6 @@ import pathlib
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.flatten_util
@@ -29,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scipy import linalg
 from scipy import stats
 
 import sgld_optax as so
@@ -111,6 +116,75 @@ def test_deep_linear_network_matches_aoyagi(widths, rank):
     assert result.llc_mean == pytest.approx(truth.value, rel=0.25)
 
 
+def stationary_llc(precisions, step, friction=None):
+    """E[nbeta (L(w) - L(w*))] of a discrete chain on a quadratic, in float64.
+
+    Per mode of posterior precision p, the chain is linear with Gaussian
+    noise: Langevin, w' = (1 - step p / 2) w + sqrt(step) eta; momentum with
+    friction a, v' = (1 - a) v - (step p / 2) w + sqrt(a step) eta and
+    w' = w + v'. Its stationary covariance solves a discrete Lyapunov
+    equation, and the mode contributes p E[w^2] / 2.
+    """
+    total = 0.0
+    for p in precisions:
+        if friction is None:
+            a_mat = np.array([[1 - step * p / 2]])
+            b_vec = np.array([[math.sqrt(step)]])
+        else:
+            a = friction
+            a_mat = np.array([[1 - step * p / 2, 1 - a],
+                              [-step * p / 2, 1 - a]])
+            b_vec = np.full((2, 1), math.sqrt(a * step))
+        cov = linalg.solve_discrete_lyapunov(a_mat, b_vec @ b_vec.T)
+        total += 0.5 * p * cov[0, 0]
+    return total
+
+
+@pytest.mark.parametrize("sampler, options", [
+    ("sgld", {}),
+    ("rmsprop_sgld", {"eps": 0.1}),
+    ("sghmc", {"momentum_decay": 0.3}),
+])
+def test_regular_regression_matches_the_discrete_chain(sampler, options):
+    # Noiseless regression y = x W with 16 x 8 weights, full batch: the loss
+    # is exactly quadratic, so lambda = d / 2 = 64 at any nbeta, and the
+    # chain's stationary law is Gaussian with a covariance known in closed
+    # form (stationary_llc), which adds the step size's inflation (5-8% here)
+    # to d / 2. nbeta = 1e7 makes RMSprop's gradients O(1e-3) against
+    # eps = 0.1, so that its preconditioner is 1 / eps to 0.3%. (Where it
+    # follows the position, the missing correction term of preconditioned
+    # SGLD biases the estimate upwards.) The estimate is linear in the noise
+    # variance: scaled by 0.95 or 1.05, it leaves the 2% tolerance.
+    n, d_in, d_out = 1000, 16, 8
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d_in)).astype(np.float32)
+    w_true = rng.normal(size=(d_in, d_out)).astype(np.float32)
+    data = (jnp.asarray(x), jnp.asarray(x @ w_true))
+    x64 = x.astype(np.float64)
+    nbeta = 1e7
+    precisions = nbeta * np.linalg.eigvalsh(x64.T @ x64 / n)
+    precond = 1 / options["eps"] if sampler == "rmsprop_sgld" else 1.0
+    lr = 0.4 / (precond * precisions.max())  # step * p_max / 4 = 0.1
+    truth = d_out * stationary_llc(precisions, lr * precond,
+                                   options.get("momentum_decay"))
+    assert 1.04 < truth / (d_in * d_out / 2) < 1.1  # the step's inflation
+
+    def run(variance):
+        return so.estimate_llc(
+            linreg_loss, jnp.asarray(w_true), data, key=0, sampler=sampler,
+            sampler_kwargs=options, learning_rate=lr, nbeta=nbeta,
+            noise_level=math.sqrt(variance), num_chains=8, num_draws=1000,
+            num_burnin_steps=100, batch_size=n, progress=False)
+
+    result = run(1.0)
+    assert result.init_loss < 1e-10
+    assert result.llc_mean == pytest.approx(truth, rel=0.02)
+    for variance in (0.95, 1.05):
+        with pytest.warns(UserWarning, match="noise_level"):
+            off = run(variance)
+        assert off.llc_mean != pytest.approx(truth, rel=0.02)
+
+
 # ---------------------------------------------------------------------------
 # Keys, chains and devices.
 
@@ -161,46 +235,40 @@ _DEVICE_SCRIPT = textwrap.dedent("""
     x = rng.normal(size=(300, 3)).astype(np.float32)
     y = (x @ rng.normal(size=(3, 2)) + rng.normal(size=(300, 2))).astype(np.float32)
     w = jnp.asarray(np.linalg.lstsq(x, y, rcond=None)[0])
-    r = so.estimate_llc(loss, w, (x, y), key=5, learning_rate=1e-3, nbeta=30.0,
-                        num_chains=8, num_draws=400, batch_size=32,
-                        native_cpu=sys.argv[2] == "native", progress=False)
-    assert shardings == [4], shardings
-    np.save(sys.argv[1], r.loss_trace)
+    traces = {}
+    for sampler in ("sgld", "sgnht"):
+        r = so.estimate_llc(loss, w, (x, y), key=5, sampler=sampler,
+                            learning_rate=1e-3, nbeta=30.0, num_chains=8,
+                            num_draws=400, batch_size=32, progress=False)
+        traces[sampler] = r.loss_trace
+    assert shardings == [4, 4], shardings
+    np.savez(sys.argv[1], **traces)
 """)
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_four_devices_agree_with_one(tmp_path, native):
+def test_four_devices_agree_with_one(tmp_path):
+    # 8 chains over 4 (host) devices, 2 each, for SGLD and for SGNHT (whose
+    # momentum and thermostat are sharded with the chains).
     script = tmp_path / "run.py"
     script.write_text(_DEVICE_SCRIPT)
-    out = tmp_path / "trace.npy"
-    dump = tmp_path / "hlo"
+    out = tmp_path / "traces.npz"
     env = {**os.environ,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"
-                        f" --xla_dump_to={dump} --xla_dump_hlo_as_text",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(script), str(out),
-                           "native" if native else "xla"], env=env,
+    proc = subprocess.run([sys.executable, str(script), str(out)], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    if native:
-        # Each device steps its own 2 of the 8 chains in one kernel call;
-        # nothing is gathered across devices.
-        programs = [f.read_text() for f in
-                    dump.glob("*_sample_in_memory*after_optimizations.txt")]
-        calls = [line for text in programs for line in text.splitlines()
-                 if 'custom_call_target="sgld_optax_cpu_step"' in line]
-        assert calls and all("f32[2,9]" in line for line in calls), calls
-        assert not any("all-gather" in text for text in programs)
     sharded = np.load(out)
     w, data = regression_problem(3, 2, 300, seed=1)
-    local = so.estimate_llc(linreg_loss, w, data, key=5, learning_rate=1e-3,
-                            nbeta=30.0, num_chains=8, num_draws=400,
-                            batch_size=32, progress=False).loss_trace
-    # Same keys, same chains: the traces agree to rounding (exactly on one
-    # CPU; to float32 rounding when the one device is a GPU or the chains
-    # were stepped by the native kernel).
-    np.testing.assert_allclose(sharded, local, rtol=1e-5, atol=1e-6)
+    for sampler in ("sgld", "sgnht"):
+        local = so.estimate_llc(linreg_loss, w, data, key=5, sampler=sampler,
+                                learning_rate=1e-3, nbeta=30.0, num_chains=8,
+                                num_draws=400, batch_size=32,
+                                progress=False).loss_trace
+        # Same keys, same chains: the traces agree to rounding (exactly on
+        # one CPU; to float32 rounding when the one device is a GPU).
+        np.testing.assert_allclose(sharded[sampler], local, rtol=1e-5,
+                                   atol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -240,29 +308,168 @@ def test_second_call_reuses_the_compiled_loop():
     assert len(traces) == after_stream
 
 
-@pytest.mark.parametrize("streamed", [False, True])
-def test_compiled_with_the_compiler_options(monkeypatch, streamed):
-    # estimate_llc compiles its programs with so.compiler_options(): an
-    # option the compiler rejects makes it fail, and 512-bit vectors give the
-    # same chains as none.
-    data = _Loader(SMALL_DATA, batch_size=30) if streamed else SMALL_DATA
-    kwargs = dict(key=2, learning_rate=1e-3, nbeta=30.0, num_chains=2,
-                  num_draws=20, save_metrics=True, progress=False)
-    if not streamed:
-        kwargs["batch_size"] = 30
+# ---------------------------------------------------------------------------
+# Samplers.
 
-    def run(options):
-        monkeypatch.setattr(llc_lib, "compiler_options",
-                            lambda backend=None: dict(options))
-        return so.estimate_llc(affine_loss, {"w": SMALL_W, "b": jnp.zeros(2)},
-                               data, **kwargs)
 
-    with pytest.raises(Exception, match="xla_cpu_no_such_option"):
-        run({"xla_cpu_no_such_option": 1})
-    plain = run({})
-    wide = run({"xla_cpu_prefer_vector_width": 512})
-    np.testing.assert_array_equal(wide.loss_trace, plain.loss_trace)
-    assert wide.init_loss == plain.init_loss
+SAMPLER_OPTIONS = {
+    "sgld": {},
+    "rmsprop_sgld": {"alpha": 0.9, "eps": 0.05},
+    "sghmc": {"momentum_decay": 0.3},
+    "sgnht": {"diffusion_factor": 0.05},
+}
+
+
+def hand_written_chains(name, options, hyper, params, mask, batch, key,
+                        num_chains, num_steps):
+    """Chain i of estimate_llc written out: the sampler `name` with key
+    split(fold_in(key, i))[0], on the flat params, one full batch per step.
+
+    Returns the loss before every step and the metrics after it, each
+    (num_chains, num_steps).
+    """
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    flat_mask = jax.flatten_util.ravel_pytree(mask)[0]
+    factory = getattr(so, name)
+
+    @jax.jit
+    def chain(chain_key):
+        tx = factory(hyper["learning_rate"], nbeta=hyper["nbeta"],
+                     localization=hyper["localization"],
+                     weight_decay=hyper["weight_decay"],
+                     bounding_box_size=hyper["bounding_box_size"],
+                     mask=flat_mask, save_metrics=True, key=chain_key,
+                     **options)
+
+        def step(carry, _):
+            w, state = carry
+            loss, grad = jax.value_and_grad(
+                lambda w: affine_loss(unravel(w), batch))(w)
+            updates, state = tx.update(grad, state, w)
+            return ((optax.apply_updates(w, updates), state),
+                    (loss, so.get_metrics(state)))
+
+        _, out = jax.lax.scan(step, (flat, tx.init(flat)), length=num_steps)
+        return out
+
+    outs = [chain(jax.random.split(jax.random.fold_in(jax.random.key(key),
+                                                      i))[0])
+            for i in range(num_chains)]
+    return jax.tree.map(lambda *xs: np.stack(xs), *outs)
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_OPTIONS))
+def test_each_sampler_is_a_hand_written_loop_of_it(name):
+    # Every term of the step (localization, weight decay, a bounding box and
+    # a mask), on two leaves sampled as one flat vector; each chain carries
+    # its own sampler state (square_avg, momentum, thermostat) across burn-in
+    # and thinning. Full-batch steps, so that the minibatch order plays no
+    # part: from memory with batch_size = n, and, for SGNHT (whose state has
+    # the most fields), from a loader of one batch.
+    params = {"w": SMALL_W, "b": jnp.asarray([0.1, -0.2], jnp.float32)}
+    mask = {"w": jnp.arange(6).reshape(3, 2) % 3 != 0,
+            "b": jnp.asarray([True, False])}
+    hyper = dict(learning_rate=1e-3, nbeta=30.0, localization=2.0,
+                 weight_decay=0.1, bounding_box_size=0.05)
+    options = SAMPLER_OPTIONS[name]
+    n = SMALL_DATA[0].shape[0]
+    burnin, every, draws, chains = 4, 2, 15, 3
+    losses, metrics = hand_written_chains(
+        name, options, hyper, params, mask, SMALL_DATA, key=5,
+        num_chains=chains, num_steps=burnin + every * draws)
+    kwargs = dict(key=5, sampler_kwargs=options, mask=mask,
+                  num_chains=chains, num_draws=draws,
+                  num_burnin_steps=burnin, num_steps_bw_draws=every,
+                  save_metrics=True, progress=False, **hyper)
+    results = [so.estimate_llc(affine_loss, params, SMALL_DATA, sampler=name,
+                               batch_size=n, **kwargs)]
+    if name == "sgnht":
+        results.append(so.estimate_llc(
+            affine_loss, params, _Loader(SMALL_DATA, batch_size=n),
+            sampler=name, **kwargs))
+    for result in results:
+        np.testing.assert_allclose(result.loss_trace,
+                                   losses[:, burnin::every], rtol=1e-5)
+        for field, got, want in zip(so.Metrics._fields, result.metrics,
+                                    metrics):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7,
+                                       err_msg=field)
+        assert np.all(result.metrics.distance[:, -1] > 0)  # they moved
+
+
+def test_sampler_options_are_traced_and_the_rest_is_static():
+    traces = []
+
+    def counting_loss(w, batch):
+        traces.append(batch[0].shape[0])
+        return linreg_loss(w, batch)
+
+    def run(sampler, sampler_kwargs=None):
+        return so.estimate_llc(counting_loss, SMALL_W, SMALL_DATA, key=0,
+                               sampler=sampler, sampler_kwargs=sampler_kwargs,
+                               learning_rate=1e-3, nbeta=30.0, num_chains=2,
+                               num_draws=20, batch_size=16, progress=False)
+
+    # Float options are arguments of the compiled program: changing them
+    # changes the chains and compiles nothing, by name or with a factory.
+    for sampler, first, second in [
+            ("rmsprop_sgld", {"alpha": 0.9, "eps": 0.1},
+             {"alpha": 0.5, "eps": 0.02}),
+            (so.sghmc, {"momentum_decay": 0.1}, {"momentum_decay": 0.6}),
+            ("sgnht", {"diffusion_factor": 0.01}, {"diffusion_factor": 0.2})]:
+        a = run(sampler, first)
+        count = len(traces)
+        b = run(sampler, second)
+        assert len(traces) == count, sampler
+        assert not np.allclose(a.loss_trace, b.loss_trace), sampler
+    # Other options are part of the cache key: they compile anew.
+    a = run("rmsprop_sgld", {"alpha": 0.9, "eps": 0.1})
+    count = len(traces)
+    c = run("rmsprop_sgld", {"alpha": 0.9, "eps": 0.1,
+                             "bias_correction": True})
+    assert len(traces) > count
+    assert not np.allclose(a.loss_trace, c.loss_trace)
+    # So is the factory, options bound in it included: the same object
+    # reuses the program, another compiles anew.
+    factory = functools.partial(so.rmsprop_sgld, alpha=0.9, eps=0.1)
+    d = run(factory)
+    count = len(traces)
+    run(factory)
+    assert len(traces) == count
+    np.testing.assert_allclose(d.loss_trace, a.loss_trace, rtol=1e-6)
+    e = run(functools.partial(so.rmsprop_sgld, alpha=0.5, eps=0.1))
+    assert len(traces) > count
+    assert not np.allclose(d.loss_trace, e.loss_trace)
+
+
+def test_bad_sampler_arguments():
+    with pytest.raises(ValueError, match="sampler must be one of 'sgld', "
+                       "'rmsprop_sgld', 'sghmc', 'sgnht'.*'sgdl'"):
+        small_run(sampler="sgdl")
+    with pytest.raises(TypeError, match="sampler must be a name"):
+        small_run(sampler=3)
+    with pytest.raises(TypeError, match="sampler_kwargs must be a dict"):
+        small_run(sampler_kwargs=[("alpha", 0.9)])
+    with pytest.raises(ValueError, match=r"sampler_kwargs\['nbeta'\].*pass "
+                       "nbeta= to estimate_llc"):
+        small_run(sampler_kwargs={"nbeta": 3.0})
+    with pytest.raises(ValueError, match=r"sampler_kwargs\['key'\]"):
+        small_run(sampler="sghmc", sampler_kwargs={"key": 1})
+    with pytest.raises(TypeError, match="'sgld' cannot take.*alpha"):
+        small_run(sampler_kwargs={"alpha": 0.9})
+    # The sampler's own checks, on the values, before compiling.
+    with pytest.raises(ValueError, match="alpha must be < 1"):
+        small_run(sampler="rmsprop_sgld", sampler_kwargs={"alpha": 1.5})
+    with pytest.raises(ValueError, match="momentum_decay"):
+        small_run(sampler="sghmc", sampler_kwargs={"momentum_decay": 0.0})
+    with pytest.raises(ValueError, match="diffusion_factor"):
+        small_run(sampler="sgnht", sampler_kwargs={"diffusion_factor": -1.0})
+    with pytest.raises(TypeError, match=r"sampler_kwargs\['priors'\].*"
+                       "hashable"):
+        small_run(sampler_kwargs={"priors": [so.GaussianPrior(1.0)]})
+    with pytest.raises(TypeError, match="one of the samplers so.sgld"):
+        small_run(sampler=lambda learning_rate, **kwargs: optax.sgd(
+            learning_rate))
 
 
 # ---------------------------------------------------------------------------
@@ -406,20 +613,11 @@ def test_default_nbeta_is_from_the_batch_size():
 
 
 def test_progress_bar(capsys):
-    small_run(key=0, num_draws=200)  # compile without the bar
-    start = time.perf_counter()
-    small_run(key=0, num_draws=200)
-    plain = time.perf_counter() - start
-    small_run(key=0, num_draws=200, progress=True)  # compile with the bar
     capsys.readouterr()
-    start = time.perf_counter()
     result = small_run(key=0, num_draws=200, progress=True)
-    shown = time.perf_counter() - start
     err = capsys.readouterr().err
     assert "LLC draws" in err and "200/200" in err
-    # The bar is fed about 20 times per run, from inside the compiled loop;
-    # it costs next to nothing and changes nothing.
-    assert shown < 2 * plain + 0.5
+    # The bar is fed from inside the compiled loop and changes nothing.
     np.testing.assert_array_equal(result.loss_trace,
                                   small_run(key=0, num_draws=200).loss_trace)
 
@@ -518,40 +716,6 @@ def test_leaves_are_sampled_as_one_flat_vector(streamed):
     np.testing.assert_allclose(tree.loss_trace, one.loss_trace, rtol=1e-6)
     np.testing.assert_array_equal(tree.metrics.numel, one.metrics.numel)
     assert int(tree.metrics.numel[0, 0]) == 4
-
-
-@pytest.mark.parametrize("streamed", [False, True])
-def test_native_cpu_chains_are_the_default_chains_to_rounding(streamed):
-    # The native kernel steps every chain in one call; the chains, their
-    # metrics and the estimate agree with XLA's to float32 rounding, with a
-    # mask, a bounding box and weight decay (every term of the update).
-    params = {"w": SMALL_W, "b": jnp.asarray([0.1, -0.2], jnp.float32)}
-    mask = {"w": jnp.arange(6).reshape(3, 2) % 3 != 0,
-            "b": jnp.asarray([True, False])}
-    data = _Loader(SMALL_DATA, batch_size=30) if streamed else SMALL_DATA
-    kwargs = dict(key=4, learning_rate=1e-3, nbeta=30.0, localization=2.0,
-                  weight_decay=0.1, bounding_box_size=0.5, mask=mask,
-                  num_chains=3, num_draws=40, save_metrics=True,
-                  progress=False)
-    if not streamed:
-        kwargs["batch_size"] = 30
-    xla = so.estimate_llc(affine_loss, params, data, **kwargs)
-    native = so.estimate_llc(affine_loss, params, data, native_cpu=True,
-                             **kwargs)
-    np.testing.assert_allclose(native.loss_trace, xla.loss_trace, rtol=1e-5)
-    assert native.llc_mean == pytest.approx(xla.llc_mean, rel=1e-4)
-    for a, b in zip(native.metrics, xla.metrics):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
-    np.testing.assert_array_equal(native.metrics.numel, 5)
-    # Not the same chains by accident: another key moves them.
-    other = so.estimate_llc(affine_loss, params, data, native_cpu=True,
-                            **dict(kwargs, key=5))
-    assert not np.allclose(other.loss_trace, native.loss_trace)
-
-
-def test_native_cpu_must_be_a_bool():
-    with pytest.raises(TypeError, match="native_cpu"):
-        small_run(key=0, native_cpu=1)
 
 
 def test_mixed_dtype_leaves_are_sampled_leaf_by_leaf():

@@ -1,28 +1,33 @@
-"""Local learning coefficient (LLC) estimation with vectorised SGLD chains.
+r"""Local learning coefficient (LLC) estimation with vectorised sampler chains.
 
-The local learning coefficient of a model at trained weights :math:`w^*` is
-estimated from SGLD draws :math:`w_1, w_2, \\dots` of the tempered posterior
-localized at :math:`w^*` (Lau et al., 2023):
+The local learning coefficient of a model at trained weights $w^*$ is
+estimated from draws $w_1, w_2, \dots$ of the tempered posterior localized at
+$w^*$ (Lau et al., 2023), taken by a sampler of the family (`sgld`,
+`rmsprop_sgld`, `sghmc`, `sgnht`):
 
-.. math::
-  \\hat\\lambda(w^*) = n\\beta \\left( \\mathbb{E}_w[L_n(w)] - L_n(w^*) \\right).
+$$
+\hat\lambda(w^*) = n\beta \left( \mathbb{E}_w[L_n(w)] - L_n(w^*) \right).
+$$
 
-Here all chains run together: one chain's step is :func:`sgld` followed by
-``optax.apply_updates``, ``jax.vmap`` runs every chain at once, and one
-``lax.scan`` over steps makes the whole run one compiled program. The
-compiled program is cached on the loss function, shapes and structural
-settings; the key and the numeric hyperparameters are traced arguments, so a
-sweep over them compiles once.
+Here all chains run together: one chain's step is the sampler's `update`
+followed by `optax.apply_updates`, `jax.vmap` runs every chain at once, and
+one `lax.scan` over steps makes the whole run one compiled program. The
+compiled program is cached on the loss function, shapes, the sampler and
+structural settings; the key and the numeric hyperparameters (the sampler's
+float options included) are traced arguments, so a sweep over them compiles
+once.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 import threading
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Optional
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, Mapping,
+                    NamedTuple, Optional, Union)
 
 import jax
 import jax.flatten_util
@@ -31,14 +36,17 @@ import numpy as np
 import optax
 from jax import lax
 from jax.experimental import io_callback
-from jax.sharding import PartitionSpec
 
 from sgld_optax._src import base
 from sgld_optax._src import diagnostics
 from sgld_optax._src import noise as noise_lib
-from sgld_optax._src import sgld as sgld_lib
+from sgld_optax._src.core import step as step_lib
 from sgld_optax._src.metrics import Metrics
-from sgld_optax._src.xla_options import compiler_options
+from sgld_optax._src.samplers import common as common_lib
+from sgld_optax._src.samplers import rmsprop_sgld as rmsprop_sgld_lib
+from sgld_optax._src.samplers import sghmc as sghmc_lib
+from sgld_optax._src.samplers import sgld as sgld_lib
+from sgld_optax._src.samplers import sgnht as sgnht_lib
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting
     from matplotlib.figure import Figure
@@ -50,33 +58,32 @@ _PROGRESS_UPDATES = 20
 
 
 class LLCResult(NamedTuple):
-    """The outcome of :func:`estimate_llc`.
+    r"""The outcome of `estimate_llc`.
 
     All arrays are NumPy arrays on the host.
 
     Attributes:
-      llc_mean: mean of ``llc_per_chain`` over the chains that did not
+      llc_mean: mean of `llc_per_chain` over the chains that did not
         diverge (NaN if all diverged).
-      llc_std: standard deviation (``ddof=0``, as devinterp) of
-        ``llc_per_chain`` over the chains that did not diverge.
-      llc_per_chain: float64 ``(num_chains,)``,
-        :math:`n\\beta\\,(\\overline{L}_c - L_n(w^*))` with
-        :math:`\\overline{L}_c` the mean of chain :math:`c`'s loss trace; NaN
-        for a diverged chain.
-      loss_trace: float32 ``(num_chains, num_draws)``, the minibatch loss at
+      llc_std: standard deviation (`ddof=0`, as devinterp) of
+        `llc_per_chain` over the chains that did not diverge.
+      llc_per_chain: float64 `(num_chains,)`,
+        $n\beta\,(\overline{L}_c - L_n(w^*))$ with $\overline{L}_c$ the mean
+        of chain $c$'s loss trace; NaN for a diverged chain.
+      loss_trace: float32 `(num_chains, num_draws)`, the minibatch loss at
         each draw, evaluated at the weights before that draw's step.
-      init_loss: :math:`L_n(w^*)`, the mean loss over the whole dataset at the
+      init_loss: $L_n(w^*)$, the mean loss over the whole dataset at the
         initial weights.
-      nbeta: the inverse temperature :math:`n\\beta` used.
-      diverged: bool ``(num_chains,)``, chains whose loss became non-finite
+      nbeta: the inverse temperature $n\beta$ used.
+      diverged: bool `(num_chains,)`, chains whose loss became non-finite
         at any step (burn-in included).
-      rhat: split :math:`\\hat R` of the loss traces of the chains that did
-        not diverge (see :func:`~sgld_optax._src.diagnostics.split_rhat`).
+      rhat: split $\hat R$ of the loss traces of the chains that did not
+        diverge (see `split_rhat`).
       ess: effective sample size of those loss traces (see
-        :func:`~sgld_optax._src.diagnostics.effective_sample_size`).
-      metrics: with ``save_metrics=True``, a :class:`Metrics` whose fields
-        are ``(num_chains, num_steps)`` traces over every step (burn-in
-        included); otherwise ``None``.
+        `effective_sample_size`).
+      metrics: with `save_metrics=True`, a `Metrics` whose fields are
+        `(num_chains, num_steps)` traces over every step (burn-in
+        included); otherwise `None`.
     """
 
     llc_mean: float
@@ -102,9 +109,9 @@ class LLCResult(NamedTuple):
 
     @property
     def llc_trace(self) -> np.ndarray:
-        """Running LLC per chain: ``nbeta * (cumulative mean loss - init_loss)``,
-        float64 ``(num_chains, num_draws)``; its last column is
-        ``llc_per_chain``."""
+        """Running LLC per chain: `nbeta * (cumulative mean loss - init_loss)`,
+        float64 `(num_chains, num_draws)`; its last column is
+        `llc_per_chain`."""
         trace = np.asarray(self.loss_trace, np.float64)
         running = np.cumsum(trace, axis=1) / np.arange(1, trace.shape[1] + 1)
         return self.nbeta * (running - self.init_loss)
@@ -136,16 +143,16 @@ class LLCResult(NamedTuple):
         """Plots the loss traces and the per-chain LLC.
 
         The left panel shows each chain's loss trace against the draw index,
-        with the init loss :math:`L_n(w^*)` as a dashed line; the right panel
+        with the init loss $L_n(w^*)$ as a dashed line; the right panel
         shows each chain's LLC, with the mean and one standard deviation.
         The figure is drawn with matplotlib's Agg canvas, without touching
         pyplot's global state.
 
         Args:
-          path: where to write a PNG, or ``None`` to write nothing.
+          path: where to write a PNG, or `None` to write nothing.
 
         Returns:
-          The ``matplotlib.figure.Figure``.
+          The `matplotlib.figure.Figure`.
         """
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -163,7 +170,7 @@ class LLCResult(NamedTuple):
                         label="init loss $L_n(w^*)$")
         ax_loss.set_xlabel("draw")
         ax_loss.set_ylabel("minibatch loss")
-        ax_loss.set_title("SGLD loss traces")
+        ax_loss.set_title("loss traces")
         if self.num_chains <= 10:
             ax_loss.legend(fontsize="small", loc="upper right")
 
@@ -189,6 +196,20 @@ class LLCResult(NamedTuple):
 # Argument handling.
 
 
+# The samplers `estimate_llc` runs by name.
+_SAMPLERS = {
+    "sgld": sgld_lib.sgld,
+    "rmsprop_sgld": rmsprop_sgld_lib.rmsprop_sgld,
+    "sghmc": sghmc_lib.sghmc,
+    "sgnht": sgnht_lib.sgnht,
+}
+
+# The sampler arguments `estimate_llc` sets itself.
+_OWN_ARGS = ("learning_rate", "nbeta", "noise_level", "weight_decay",
+             "localization", "bounding_box_size", "mask", "save_metrics",
+             "key")
+
+
 class _Hyper(NamedTuple):
     """Numeric hyperparameters, traced (float32 scalars) in the compiled loop."""
 
@@ -198,6 +219,7 @@ class _Hyper(NamedTuple):
     weight_decay: Any
     noise_level: Any
     bounding_box_size: Any
+    sampler_options: dict  # the float entries of sampler_kwargs
 
 
 class _Static(NamedTuple):
@@ -210,11 +232,73 @@ class _Static(NamedTuple):
     num_steps_bw_draws: int
     batch_size: int
     save_metrics: bool
-    native_cpu: bool
     progress: bool
     lr_schedule: Optional[Callable]
     use_box: bool
     sharding: Any
+    sampler: Callable            # the sampler's factory
+    sampler_options: tuple       # sorted (name, value) pairs of the other
+                                 # entries of sampler_kwargs
+
+
+def _is_float(value) -> bool:
+    """Whether `value` is a real floating-point scalar (traced when given
+    as a sampler option)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (float, np.floating)):
+        return True
+    return (isinstance(value, (np.ndarray, jax.Array)) and value.shape == ()
+            and jnp.issubdtype(value.dtype, jnp.floating))
+
+
+def _resolve_sampler(sampler, sampler_kwargs):
+    """The factory, static options and traced options of `sampler`.
+
+    Returns:
+      `(factory, static_options, traced_options)`: the sampler's factory,
+      a sorted tuple of `(name, value)` pairs of the options the program
+      is specialised on, and a dict of the float options, as float32.
+    """
+    if isinstance(sampler, str):
+        if sampler not in _SAMPLERS:
+            names = ", ".join(repr(k) for k in _SAMPLERS)
+            raise ValueError(
+                f"sampler must be one of {names} or a sampler factory, got "
+                f"{sampler!r}.")
+        factory = _SAMPLERS[sampler]
+    elif callable(sampler):
+        factory = sampler
+    else:
+        raise TypeError(
+            "sampler must be a name (" + ", ".join(repr(k) for k in _SAMPLERS)
+            + f") or a sampler factory such as so.sghmc, got {sampler!r}.")
+    if sampler_kwargs is None:
+        sampler_kwargs = {}
+    if not isinstance(sampler_kwargs, Mapping):
+        raise TypeError(
+            f"sampler_kwargs must be a dict, got {sampler_kwargs!r}.")
+    static, traced = [], {}
+    for name, value in sampler_kwargs.items():
+        if not isinstance(name, str):
+            raise TypeError(
+                f"sampler_kwargs keys must be strings, got {name!r}.")
+        if name in _OWN_ARGS:
+            raise ValueError(
+                f"sampler_kwargs[{name!r}]: {name} is an argument of "
+                f"estimate_llc; pass {name}= to estimate_llc instead.")
+        if _is_float(value):
+            traced[name] = np.float32(value)
+            continue
+        try:
+            hash(value)
+        except TypeError:
+            raise TypeError(
+                f"sampler_kwargs[{name!r}] must be a float (an argument of "
+                "the compiled program) or hashable (part of its cache key), "
+                f"got {value!r}.") from None
+        static.append((name, value))
+    return factory, tuple(sorted(static)), traced
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -255,7 +339,7 @@ def _is_in_memory(data) -> bool:
 
 
 def _leading_size(data, name: str = "data") -> int:
-    """The common leading size of every leaf of ``data``, or a clear error."""
+    """The common leading size of every leaf of `data`, or a clear error."""
     paths = jax.tree_util.tree_flatten_with_path(data)[0]
     sizes = {}
     for path, leaf in paths:
@@ -299,13 +383,6 @@ def _chain_sharding(num_chains: int):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("chains"))
 
 
-def _shard_map(f, **kwargs):
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, **kwargs)
-    from jax.experimental.shard_map import shard_map  # JAX before 0.7
-    return shard_map(f, **kwargs)
-
-
 # ---------------------------------------------------------------------------
 # Minibatch order: a keyed permutation of [0, n), computed where it is needed.
 
@@ -314,22 +391,22 @@ _FEISTEL_ROUNDS = 8
 
 
 def shuffled_index(key: jax.Array, positions: jax.Array, n: int) -> jax.Array:
-    """Entries ``positions`` of a pseudo-random permutation of ``[0, n)``.
+    r"""Entries `positions` of a pseudo-random permutation of `[0, n)`.
 
-    The permutation is an eight-round Feistel network on ``2h``-bit integers
-    (:math:`4^h \\ge n`), keyed by ``key``, restricted to ``[0, n)`` by cycle
+    The permutation is an eight-round Feistel network on `2h`-bit integers
+    ($4^h \ge n$), keyed by `key`, restricted to `[0, n)` by cycle
     walking: a value that falls outside is permuted again until it lands
     inside. This costs a few integer operations per requested entry, whatever
-    ``n``, where sorting ``n`` random keys (as ``jax.random.permutation``
-    does) would cost :math:`O(n \\log n)` per epoch and an ``n``-sized buffer.
+    `n`, where sorting `n` random keys (as `jax.random.permutation`
+    does) would cost $O(n \log n)$ per epoch and an `n`-sized buffer.
 
     Args:
       key: a PRNG key; a new key gives a new permutation.
-      positions: integer array of positions in ``[0, n)``.
-      n: the size of the permuted range (a Python int, ``< 2**31``).
+      positions: integer array of positions in `[0, n)`.
+      n: the size of the permuted range (a Python int, `< 2**31`).
 
     Returns:
-      int32 array shaped like ``positions``: the permuted positions.
+      int32 array shaped like `positions`: the permuted positions.
 
     References:
       Luby & Rackoff, "How to construct pseudorandom permutations from
@@ -368,17 +445,20 @@ class _Chains(NamedTuple):
 
     params: Any          # the params (a pytree, or one flat vector: see
                          # _flat), with a leading chain axis
-    opt_state: Any       # SGLDState, vmapped, without initial_params: every
-                         # chain starts at the same w*, kept once (_step_all)
+    opt_state: Any       # the sampler's state (SGLDState, RMSpropSGLDState,
+                         # SGHMCState or SGNHTState, with its square_avg,
+                         # momentum or thermostat), vmapped, without
+                         # initial_params: every chain starts at the same
+                         # w*, kept once (_step_all)
     data_key: jax.Array  # typed PRNG key per chain, for minibatch order
     diverged: jax.Array  # bool (num_chains,)
 
 
 def _sampler(static: _Static, hyper: _Hyper, mask):
-    """The SGLD transformation with traced hyperparameters."""
+    """The sampler's transformation with traced hyperparameters."""
     lr = static.lr_schedule if static.lr_schedule is not None else (
         hyper.learning_rate)
-    return sgld_lib.sgld(
+    return static.sampler(
         lr,
         nbeta=hyper.nbeta,
         noise_level=hyper.noise_level,
@@ -387,12 +467,14 @@ def _sampler(static: _Static, hyper: _Hyper, mask):
         bounding_box_size=hyper.bounding_box_size if static.use_box else None,
         mask=mask,
         save_metrics=static.save_metrics,
-        native_cpu=static.native_cpu,
+        key=0,  # replaced per chain in _init_chains
+        **dict(static.sampler_options),
+        **hyper.sampler_options,
     )
 
 
-def _sgld_step(tx, loss_fn, params, opt_state, batch):
-    """One SGLD step of one chain; returns the loss before the step."""
+def _chain_step(tx, loss_fn, params, opt_state, batch):
+    """One sampler step of one chain; returns the loss before the step."""
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -410,9 +492,10 @@ def _init_chains(static, hyper, mask, params, key, chain_ids):
     state = tx.init(params)
 
     def one(i):
-        sgld_key, data_key = jax.random.split(jax.random.fold_in(key, i))
+        sampler_key, data_key = jax.random.split(jax.random.fold_in(key, i))
+        # Every field of the state is broadcast to a per-chain copy.
         return _Chains(params=params,
-                       opt_state=state._replace(key=sgld_key,
+                       opt_state=state._replace(key=sampler_key,
                                                 initial_params=None),
                        data_key=data_key,
                        diverged=jnp.zeros((), bool))
@@ -422,35 +505,26 @@ def _init_chains(static, hyper, mask, params, key, chain_ids):
 
 def _step_all(static, tx, chains: _Chains, w_star, batches, batch_axis=0):
     """Steps every chain on its own batch (leading chain axis), or on one
-    shared batch when ``batch_axis`` is ``None``.
+    shared batch when `batch_axis` is `None`.
 
-    The chains' initial params are all ``w_star``: it is given to each
-    chain's sgld state for the step, unbatched, rather than stored once per
-    chain.
+    The chains' initial params are all `w_star`: it is given to each
+    chain's sampler state for the step, unbatched, rather than stored once
+    per chain. (The localization is traced, so the sampler always keeps
+    `initial_params`.)
     """
 
     def one(c: _Chains, batch):
-        params, opt_state, loss = _sgld_step(
+        params, opt_state, loss = _chain_step(
             tx, static.loss_fn, c.params,
             c.opt_state._replace(initial_params=w_star), batch)
         opt_state = opt_state._replace(initial_params=None)
-        metrics = (sgld_lib.get_metrics(opt_state) if static.save_metrics
+        metrics = (common_lib.get_metrics(opt_state) if static.save_metrics
                    else None)
         c = c._replace(params=params, opt_state=opt_state,
                        diverged=c.diverged | ~jnp.isfinite(loss))
         return c, (loss, metrics)
 
     step = jax.vmap(one, in_axes=(0, batch_axis))
-    if static.native_cpu and static.sharding is not None:
-        # XLA has no rule for splitting the native kernel's call over
-        # devices and would gather every chain onto each device: each
-        # device steps its own chains instead.
-        chain_spec = static.sharding.spec
-        step = _shard_map(
-            step, mesh=static.sharding.mesh,
-            in_specs=(chain_spec,
-                      chain_spec if batch_axis == 0 else PartitionSpec()),
-            out_specs=chain_spec)
     chains, out = step(chains, batches)
     return _constrain(chains, static.sharding), out
 
@@ -473,24 +547,8 @@ def _report_progress(run_id, done):
 
 
 def _jit(**jit_kwargs):
-    """``jax.jit(fun, **jit_kwargs)`` compiled with ``compiler_options()``.
-
-    The options depend on the backend, so they are looked up at each call
-    (not at import) and one jitted function is kept per set of options.
-    """
-    def wrap(fun):
-        jitted = {}
-
-        @functools.wraps(fun)
-        def call(*args, **kwargs):
-            options = compiler_options(jax.default_backend())
-            key = tuple(sorted(options.items()))
-            if key not in jitted:
-                jitted[key] = jax.jit(fun, compiler_options=options or None,
-                                      **jit_kwargs)
-            return jitted[key](*args, **kwargs)
-        return call
-    return wrap
+    """`jax.jit` with `jit_kwargs`, as a decorator."""
+    return functools.partial(jax.jit, **jit_kwargs)
 
 
 @_jit(static_argnames=("static",))
@@ -545,7 +603,7 @@ def _sample_in_memory(static: _Static, hyper: _Hyper, mask, params, data, key,
 
 
 def _dataset_loss(loss_fn, params, data, chunk):
-    """Mean of ``loss_fn`` over all of ``data``, evaluated ``chunk`` at a time."""
+    """Mean of `loss_fn` over all of `data`, evaluated `chunk` at a time."""
     n = _leading_size(data)
     num_full, rest = divmod(n, chunk)
 
@@ -564,12 +622,12 @@ def _dataset_loss(loss_fn, params, data, chunk):
 def _flat(static: _Static, mask, params):
     """The sampling problem over one flat parameter vector, where possible.
 
-    When every leaf of ``params`` has the same dtype, the chains carry the
-    params as one flat vector and ``loss_fn`` sees them unflattened: the
+    When every leaf of `params` has the same dtype, the chains carry the
+    params as one flat vector and `loss_fn` sees them unflattened: the
     sampler then updates, and draws noise for, one array instead of one per
     leaf, which compiles faster and launches fewer kernels per step. The
     step is the same elementwise rule; the noise is drawn for the flat
-    vector. Returns ``(static, mask, params)`` for the sampler.
+    vector. Returns `(static, mask, params)` for the sampler.
     """
     leaves = jax.tree_util.tree_leaves(params)
     if len(leaves) < 2 or len({jnp.result_type(x) for x in leaves}) != 1:
@@ -605,7 +663,7 @@ def _batch_loss(loss_fn, params, batch):
 
 
 def _batches(data) -> Iterable:
-    """Cycles through ``data`` pass after pass, as host arrays."""
+    """Cycles through `data` pass after pass, as host arrays."""
     while True:
         empty = True
         for batch in data:
@@ -681,6 +739,8 @@ def estimate_llc(
     data: Any,
     *,
     key: Any = 0,
+    sampler: Union[str, Callable[..., optax.GradientTransformation]] = "sgld",
+    sampler_kwargs: Optional[Mapping[str, Any]] = None,
     learning_rate: base.ScalarOrSchedule,
     nbeta: Optional[float] = None,
     localization: float = 0.0,
@@ -694,106 +754,130 @@ def estimate_llc(
     num_steps_bw_draws: int = 1,
     batch_size: int = 32,
     save_metrics: bool = False,
-    native_cpu: bool = False,
     progress: bool = True,
 ) -> LLCResult:
-    """Estimates the local learning coefficient at ``params`` with SGLD.
+    r"""Estimates the local learning coefficient at `params` with a sampler of the family.
 
-    Runs ``num_chains`` SGLD chains (:func:`sgld`) from :math:`w^* =`
-    ``params``, localized there, and returns
+    Runs `num_chains` chains of `sampler` (`sgld` by default) from
+    $w^* =$ `params`, localized there, and returns
 
-    .. math::
-      \\hat\\lambda(w^*) = n\\beta \\left(\\frac{1}{T}\\sum_{t=1}^{T}
-      L_{B_t}(w_t) - L_n(w^*)\\right),
+    $$
+    \hat\lambda(w^*) = n\beta \left(\frac{1}{T}\sum_{t=1}^{T}
+    L_{B_t}(w_t) - L_n(w^*)\right),
+    $$
 
-    averaged over chains, where :math:`w_t` is the :math:`t`-th draw,
-    :math:`L_{B_t}` the mean loss on the minibatch of the step taken from it,
-    and :math:`L_n(w^*)` the mean loss on all the data. Each chain takes
-    ``num_burnin_steps`` steps, then ``num_draws`` draws
-    ``num_steps_bw_draws`` steps apart.
+    averaged over chains, where $w_t$ is the $t$-th draw, $L_{B_t}$ the mean
+    loss on the minibatch of the step taken from it, and $L_n(w^*)$ the mean
+    loss on all the data. Each chain takes `num_burnin_steps` steps, then
+    `num_draws` draws `num_steps_bw_draws` steps apart.
 
-    The chains are vectorised with ``jax.vmap`` and, when several devices are
-    visible, spread over them with ``jax.sharding`` (along the largest number
-    of devices that divides ``num_chains``). Chain :math:`i` uses the key
-    ``fold_in(key, i)`` alone, so its draws do not depend on ``num_chains``.
+    **Samplers.** `sampler` is one of `"sgld"`, `"rmsprop_sgld"`, `"sghmc"`
+    and `"sgnht"` (`sgld`, `rmsprop_sgld`, `sghmc`, `sgnht`), or a factory
+    with their signature, such as `so.sghmc` or
+    `functools.partial(so.rmsprop_sgld, alpha=0.9)`. `estimate_llc` gives it
+    `learning_rate`, `nbeta`, `noise_level`, `weight_decay`, `localization`,
+    `bounding_box_size`, `mask`, `save_metrics` and `key`; `sampler_kwargs`
+    gives it the rest, such as `alpha` and `eps` (`rmsprop_sgld`),
+    `momentum_decay` (`sghmc`) or `diffusion_factor` (`sgnht`). Each chain
+    carries its own sampler state from the sampler's `init` at $w^*$ (its
+    running mean of squared gradients, momentum or thermostat). The
+    estimate has the same meaning whatever the sampler; the samplers differ
+    in how fast their chains mix and in their bias at a finite step size.
 
-    With in-memory ``data``, every step draws a minibatch of ``batch_size``
+    **Keys.** An int `key` stands for `jax.random.key(key)`. Chain $i$ uses
+    $k_i$ = `jax.random.fold_in(key, i)` alone, so its draws do not depend
+    on `num_chains`: `jax.random.split(k_i)[0]` is its sampler's `key` (the
+    noise) and `jax.random.split(k_i)[1]` orders its minibatches.
+
+    The chains are vectorised with `jax.vmap` and, when several devices are
+    visible, spread over them with `jax.sharding` (along the largest number
+    of devices that divides `num_chains`).
+
+    With in-memory `data`, every step draws a minibatch of `batch_size`
     examples, each chain going through its own random permutation of the
     data epoch after epoch (a last partial batch per epoch is dropped), and
-    the whole run is a single compiled program. The program is cached: a
-    second call with the same ``loss_fn`` object, the same shapes and the
-    same ``num_*``, ``batch_size``, ``save_metrics``, ``native_cpu``,
-    ``progress`` and
-    whether ``bounding_box_size``/``mask`` are given reuses it, whatever the
-    ``key``, ``learning_rate``, ``nbeta``, ``localization``,
-    ``weight_decay``, ``noise_level``, ``bounding_box_size`` and ``mask``
-    values (numbers; a ``learning_rate`` schedule is part of the cache key,
-    so pass the same schedule object to reuse the program). Dtypes count as
-    shapes. Pass a named function, not a fresh lambda each call.
+    the whole run is a single compiled program.
+
+    **Compilation.** The program is cached. It is specialised on the
+    `loss_fn` object, the shapes and dtypes of `params` and `data`, the
+    `num_*` counts, `batch_size`, `save_metrics`, `progress`, whether
+    `bounding_box_size` and `mask` are given, a `learning_rate` schedule
+    object, the sampler (its name, or the factory object), and the entries
+    of `sampler_kwargs` that are not floats (such as `bias_correction`).
+    Everything else is an argument of the program, so a second call that
+    changes only these reuses it: the `key`, the numbers `learning_rate`,
+    `nbeta`, `localization`, `weight_decay`, `noise_level` and
+    `bounding_box_size`, the values of `mask`, and the float entries of
+    `sampler_kwargs` (such as `alpha`, `eps`, `momentum_decay` and
+    `diffusion_factor`, passed to the sampler as float32 scalars). Options
+    bound in a factory (a `functools.partial`) are part of the factory: to
+    sweep one without compiling again, pass it in `sampler_kwargs`. Pass a
+    named `loss_fn`, not a fresh lambda each call.
 
     Choosing hyperparameters: the step size must be small against the
     posterior's curvature (too large inflates the estimate), localization
     must be weak enough not to cut off the flat directions (too strong
     deflates it), and the loss traces should be flat after burn-in. Check
-    ``result.plot()`` and ``result.rhat``.
+    `result.plot()` and `result.rhat`.
 
     Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over a
+      loss_fn: `loss_fn(params, batch) -> scalar`, the mean loss over a
         batch (for a likelihood model, the mean negative log-likelihood).
-      params: the weights :math:`w^*`, a pytree of arrays; ideally a local
-        minimum of :math:`L_n`.
-      data: either a pytree of arrays sharing a leading axis of size
-        :math:`n` (the dataset, kept on device; tuples, lists and dicts of
-        arrays are read this way), or a re-iterable of batches that is not
-        such a pytree (a ``torch.utils.data.DataLoader``, a grain or
-        ``tf.data`` loader). A batch is what ``loss_fn`` receives: the same
-        pytree structure, with a leading batch axis. From an iterable, each
-        chain takes its own batch from the loader at every step (cycling
-        through it as often as needed; batches whose shapes differ from the
-        first are skipped), the step is compiled once, and ``batch_size`` is
-        not used.
+      params: the weights $w^*$, a pytree of arrays; ideally a local minimum
+        of $L_n$.
+      data: either a pytree of arrays sharing a leading axis of size $n$
+        (the dataset, kept on device; tuples, lists and dicts of arrays are
+        read this way), or a re-iterable of batches that is not such a
+        pytree (a `torch.utils.data.DataLoader`, a grain or `tf.data`
+        loader). A batch is what `loss_fn` receives: the same pytree
+        structure, with a leading batch axis. From an iterable, each chain
+        takes its own batch from the loader at every step (cycling through
+        it as often as needed; batches whose shapes differ from the first
+        are skipped), the step is compiled once, and `batch_size` is not
+        used.
       key: int seed or JAX PRNG key.
-      learning_rate: SGLD step size :math:`\\epsilon`, or an optax schedule of
-        the step count.
-      nbeta: inverse temperature :math:`n\\beta`; ``None`` means
-        :func:`default_nbeta` of the batch size (for an iterable: its
-        ``batch_size`` attribute, else the first batch's size).
-      localization: strength :math:`\\gamma` of the pull towards
-        :math:`w^*`.
+      sampler: the name of a sampler of the family (`"sgld"`,
+        `"rmsprop_sgld"`, `"sghmc"`, `"sgnht"`) or a factory
+        `sampler(learning_rate, *, nbeta, noise_level, weight_decay,
+        localization, bounding_box_size, mask, save_metrics, key, **options)`
+        returning one of them.
+      sampler_kwargs: further keyword arguments of the sampler, or `None`.
+        Floats are traced; anything else is part of the program's cache key
+        and must be hashable.
+      learning_rate: step size $\epsilon$, or an optax schedule of the step
+        count.
+      nbeta: inverse temperature $n\beta$; `None` means `default_nbeta` of
+        the batch size (for an iterable: its `batch_size` attribute, else
+        the first batch's size).
+      localization: strength $\gamma$ of the pull towards $w^*$.
       weight_decay: strength of an L2 prior centred at 0.
       noise_level: noise scale; leave at 1 except to test.
       bounding_box_size: if given, the chains are clamped to
-        :math:`[w^* - b, w^* + b]`.
-      mask: optional pytree with the structure of ``params`` of bools (or 0/1
+        $[w^* - b, w^* + b]$.
+      mask: optional pytree with the structure of `params` of bools (or 0/1
         numbers); only unmasked weights are sampled.
       num_chains: number of independent chains.
       num_draws: number of draws per chain.
       num_burnin_steps: steps per chain before the first draw.
       num_steps_bw_draws: steps between consecutive draws.
-      batch_size: minibatch size for in-memory ``data``.
-      save_metrics: record the sampler's :class:`Metrics` at every step.
-      native_cpu: on CPU, step the chains with the sampler's native kernel
-        (see :func:`sgld`'s ``native_cpu``): one pass per step over every
-        chain's float32 parameters for the update, its noise and the
-        metrics. It pays off with ``save_metrics=True`` on large models:
-        for an MLP of 272K parameters, 8 chains of 200 draws with metrics
-        took 1.6 s instead of 2.6 s on a 2-core CPU (1.43 s instead of 1.50
-        without metrics). The chains agree with those of the default to
-        float32 rounding, not bit for bit. With several devices, each steps
-        its own chains (under ``jax.shard_map``).
+      batch_size: minibatch size for in-memory `data`.
+      save_metrics: record the sampler's `Metrics` at every step.
       progress: show a progress bar over draws.
 
     Returns:
-      An :class:`LLCResult`.
+      An `LLCResult`.
 
     Raises:
-      ValueError, TypeError: for invalid arguments, naming the argument.
-      RuntimeError: with ``native_cpu=True``, if the native kernel cannot be
-        compiled or loaded.
+      ValueError: for invalid arguments, naming the argument; for an unknown
+        sampler name (listing the valid ones), or a `sampler_kwargs` entry
+        that `estimate_llc` sets itself.
+      TypeError: for arguments of the wrong type, naming the argument; for
+        `sampler_kwargs` the sampler does not take, or a factory that does
+        not build a sampler of the family.
 
     Warns:
       RuntimeWarning: when some chains diverge (non-finite loss); they are
-        named and left out of ``llc_mean`` and ``llc_std``.
+        named and left out of `llc_mean` and `llc_std`.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -807,6 +891,10 @@ def estimate_llc(
       >>> result = so.estimate_llc(loss_fn, w_star, (x, y), learning_rate=1e-3,
       ...                          nbeta=100.0, num_draws=100, progress=False)
       >>> print(result.summary())  # doctest: +SKIP
+      >>> result = so.estimate_llc(
+      ...     loss_fn, w_star, (x, y), sampler="sghmc",
+      ...     sampler_kwargs={"momentum_decay": 0.2}, learning_rate=1e-3,
+      ...     nbeta=100.0, num_draws=100, progress=False)
 
     References:
       Lau, Furman, Wang, Murfet & Wei, "The local learning coefficient: a
@@ -823,7 +911,7 @@ def estimate_llc(
     num_steps_bw_draws = _check_int("num_steps_bw_draws", num_steps_bw_draws, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
     for name, flag in (("save_metrics", save_metrics),
-                       ("native_cpu", native_cpu), ("progress", progress)):
+                       ("progress", progress)):
         if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {flag!r}.")
     leaves = jax.tree_util.tree_leaves(params)
@@ -858,24 +946,46 @@ def estimate_llc(
 
     if nbeta is None:
         if in_memory:
-            nbeta = sgld_lib.default_nbeta(batch_size)
+            nbeta = common_lib.default_nbeta(batch_size)
         else:
             size = getattr(data, "batch_size", None)
             if not isinstance(size, (int, np.integer)):
                 size = _leading_size(
                     jax.tree.map(_to_numpy, next(iter(data))), "a batch of data")
-            nbeta = sgld_lib.default_nbeta(int(size))
+            nbeta = common_lib.default_nbeta(int(size))
     if callable(nbeta):
         raise TypeError("nbeta must be a number: the LLC needs one temperature.")
 
     # Validate every hyperparameter (and the mask against params) with the
     # sampler's own checks, on the concrete values, before compiling.
-    check_tx = sgld_lib.sgld(
-        learning_rate, nbeta=nbeta, noise_level=noise_level,
-        weight_decay=weight_decay, localization=localization,
-        bounding_box_size=bounding_box_size, mask=mask,
-        save_metrics=save_metrics, native_cpu=native_cpu)
-    jax.eval_shape(check_tx.init, params)
+    factory, static_options, traced_options = _resolve_sampler(
+        sampler, sampler_kwargs)
+    sampler_args = dict(
+        nbeta=nbeta, noise_level=noise_level, weight_decay=weight_decay,
+        localization=localization, bounding_box_size=bounding_box_size,
+        mask=mask, save_metrics=save_metrics, key=0, **(sampler_kwargs or {}))
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to read: call it as is
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(learning_rate, **sampler_args)
+        except TypeError as err:
+            raise TypeError(
+                f"sampler {getattr(factory, '__name__', factory)!r} cannot "
+                f"take these arguments (check sampler_kwargs): {err}") from None
+    check_tx = factory(learning_rate, **sampler_args)
+    if not isinstance(check_tx, optax.GradientTransformation):
+        raise TypeError(
+            "sampler must build an optax transformation of the sampler "
+            f"family, got {check_tx!r}.")
+    check_state = jax.eval_shape(check_tx.init, params)
+    if not step_lib.is_sampler_state(check_state):
+        raise TypeError(
+            "sampler must build one of the samplers so.sgld, "
+            "so.rmsprop_sgld, so.sghmc or so.sgnht (its state must be one of "
+            f"theirs), got a state of type {type(check_state).__name__}.")
 
     lr_schedule = learning_rate if callable(learning_rate) else None
     f32 = lambda v: np.float32(0.0 if v is None or callable(v) else v)
@@ -883,7 +993,8 @@ def estimate_llc(
                    localization=f32(localization),
                    weight_decay=f32(weight_decay),
                    noise_level=f32(noise_level),
-                   bounding_box_size=f32(bounding_box_size))
+                   bounding_box_size=f32(bounding_box_size),
+                   sampler_options=traced_options)
     if mask is not None:
         mask = jax.tree.map(jnp.asarray, mask)
     sharding = _chain_sharding(num_chains)
@@ -892,10 +1003,10 @@ def estimate_llc(
         num_burnin_steps=num_burnin_steps,
         num_steps_bw_draws=num_steps_bw_draws,
         batch_size=batch_size if in_memory else 0,
-        save_metrics=bool(save_metrics), native_cpu=bool(native_cpu),
+        save_metrics=bool(save_metrics),
         progress=bool(progress),
         lr_schedule=lr_schedule, use_box=bounding_box_size is not None,
-        sharding=sharding)
+        sharding=sharding, sampler=factory, sampler_options=static_options)
     chain_ids = np.arange(num_chains, dtype=np.int32)
     if sharding is not None:
         chain_ids = jax.device_put(chain_ids, sharding)
