@@ -1,6 +1,7 @@
 """Shared test utilities."""
 
 import contextlib
+import functools
 import importlib.util
 import pathlib
 import sys
@@ -9,7 +10,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.extend import random as jax_random
+
+import sgld_optax as so
 
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
@@ -149,3 +153,66 @@ def count_sketch_reference(hash_indices, hash_signs, output_dim, vectors):
     np.add.at(out, np.asarray(hash_indices, np.int64),
               np.asarray(hash_signs, np.float64) * v)
     return out
+
+
+# --------------------------------------------------------------------------
+# The sampler family, for tests that every member must pass.
+
+# Each factory with the hyperparameters of its own dynamics that the shared
+# tests use: a friction that forgets the momentum within a few steps, so
+# that a handful of steps exercises it.
+FAMILY = {
+    "sgld": (so.sgld, {}),
+    "rmsprop_sgld": (so.rmsprop_sgld, {}),
+    "sghmc": (so.sghmc, {"momentum_decay": 0.5}),
+    "sgnht": (so.sgnht, {"diffusion_factor": 0.1}),
+}
+
+
+def make_sampler(name, learning_rate, **kwargs):
+    """``FAMILY[name]``'s factory called with its extra hyperparameters."""
+    factory, extra = FAMILY[name]
+    return factory(learning_rate, **extra, **kwargs)
+
+
+SAMPLERS = {name: functools.partial(make_sampler, name) for name in FAMILY}
+
+
+def inject_sampler(name, learning_rate, static_args=("key",), **kwargs):
+    """``SAMPLERS[name]`` through ``optax.inject_hyperparams``.
+
+    The sampler's own extra hyperparameters (``momentum_decay``,
+    ``diffusion_factor``) are passed at the call, so they are injected too.
+    """
+    factory, extra = FAMILY[name]
+    return optax.inject_hyperparams(factory, static_args=static_args)(
+        learning_rate, **extra, **kwargs)
+
+
+def carried_over(name, state):
+    """Per leaf (flatten order), the part of the next step that the state
+    carries over from the last one, as float64 NumPy arrays.
+
+    Zero for the Langevin samplers; ``(1 - alpha) v`` for ``sghmc`` with
+    friction ``alpha``; ``(1 - zeta) v`` for ``sgnht`` with its thermostat
+    ``zeta``. The rest of a step without a box is ``noise - scaled_grad -
+    localization - weight_decay``, the components that metrics and sketches
+    record.
+    """
+    if name in ("sgld", "rmsprop_sgld"):
+        return None
+    friction = (FAMILY[name][1]["momentum_decay"] if name == "sghmc"
+                else np.float64(state.thermostat))
+    return [(1.0 - friction) * np.asarray(v, np.float64)
+            for v in jax.tree_util.tree_leaves(state.momentum)]
+
+
+def unkey(tree):
+    """``tree`` with every typed PRNG key replaced by its key data, so that
+    ``chex`` can compare it."""
+    def data(x):
+        if (isinstance(x, jax.Array)
+                and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)):
+            return jax.random.key_data(x)
+        return x
+    return jax.tree.map(data, tree)

@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sgld_optax as so
-from sgld_testing import quiet_sgld_warnings, reference_step_noise
+from sgld_testing import SAMPLERS, quiet_sgld_warnings, reference_step_noise
 from sgld_optax._src import metrics as metrics_lib
 
 SETTINGS = settings(deadline=None, max_examples=40, derandomize=True,
@@ -357,12 +357,14 @@ def test_get_metrics_aggregates_like_one_sampler(prob, hp, labels):
                             else optax.MaskedNode(), mask, labels)
 
     grads = jax.tree.map(lambda p: jnp.ones_like(p), prob["params"])
-    single = make_tx(hp, mask=mask, save_metrics=True)
+    single = make_tx(hp, mask=mask, save_metrics=True, key=prob["seed"])
     s_state = single.init(prob["initial"])
     _, s_state = single.update(grads, s_state, prob["params"])
+    # Each sub-sampler with its own key (no noise here, so keys do not
+    # change the metrics).
     multi = optax.multi_transform(
-        {lab: make_tx(hp, mask=sub_mask(lab), save_metrics=True)
-         for lab in used}, labels)
+        {lab: make_tx(hp, mask=sub_mask(lab), save_metrics=True, key=i)
+         for i, lab in enumerate(used)}, labels)
     m_state = multi.init(prob["initial"])
     _, m_state = multi.update(grads, m_state, prob["params"])
     got, want = so.get_metrics(m_state), so.get_metrics(s_state)
@@ -418,15 +420,15 @@ def test_bounding_box_holds(prob, hp, bbox):
     assert_matches_rule(new_params, expected)
 
 
+# Every sampler of the family counts the sampled elements the same way.
+@pytest.mark.parametrize("name", list(SAMPLERS))
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_numel_counts_unmasked_elements(dtype):
+def test_numel_counts_unmasked_elements(name, dtype):
     params = {"w": jnp.zeros((3, 4), DTYPES[dtype]), "b": jnp.zeros((), dtype)}
     mask = {"w": np.arange(12).reshape(3, 4) % 3 == 0, "b": np.array(True)}
-    tx = make_tx(dict(lr=1e-2, nbeta=2.0, noise_level=1.0, wd=0.0, loc=0.0,
-                      bbox=None), mask=mask, save_metrics=True)
+    tx = SAMPLERS[name](1e-2, nbeta=2.0, mask=mask, save_metrics=True, key=0)
     _, state = tx.update(params, tx.init(params), params)
     assert int(so.get_metrics(state).numel) == 5
-    tx = make_tx(dict(lr=1e-2, nbeta=2.0, noise_level=1.0, wd=0.0, loc=0.0,
-                      bbox=None), save_metrics=True)
+    tx = SAMPLERS[name](1e-2, nbeta=2.0, save_metrics=True, key=0)
     _, state = tx.update(params, tx.init(params), params)
     assert int(so.get_metrics(state).numel) == 13
