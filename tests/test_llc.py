@@ -1,4 +1,4 @@
-"""Tests for LLC estimation (``_src/llc.py``).
+"""Tests for LLC estimation (``_src/llc/``).
 
 The accuracy tests compare against learning coefficients known in closed
 form, under the conditions in which the estimator is consistent:
@@ -37,7 +37,7 @@ from scipy import linalg
 from scipy import stats
 
 import sgld_optax as so
-from sgld_optax._src import llc as llc_lib
+from sgld_optax._src.llc import data as llc_data
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -219,7 +219,7 @@ _DEVICE_SCRIPT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     import sgld_optax as so
-    from sgld_optax._src import llc
+    from sgld_optax._src.llc import api as llc
     assert jax.device_count() == 4, jax.devices()
     shardings = []
     original = llc._sample_in_memory
@@ -784,7 +784,7 @@ def test_bad_input_names_the_argument():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 100, 1000, 4097])
 def test_shuffled_index_is_a_permutation(n):
-    order = np.asarray(llc_lib.shuffled_index(jax.random.key(n),
+    order = np.asarray(llc_data.shuffled_index(jax.random.key(n),
                                               jnp.arange(n), n))
     np.testing.assert_array_equal(np.sort(order), np.arange(n))
 
@@ -793,7 +793,7 @@ def test_shuffled_index_is_uniform_and_changes_with_the_key():
     n = 10
     keys = jax.random.split(jax.random.key(0), 20000)
     orders = np.asarray(jax.vmap(
-        lambda k: llc_lib.shuffled_index(k, jnp.arange(n), n))(keys))
+        lambda k: llc_data.shuffled_index(k, jnp.arange(n), n))(keys))
     for position in (0, 4, 9):
         counts = np.bincount(orders[:, position], minlength=n)
         assert stats.chisquare(counts).pvalue > 1e-3
