@@ -1,7 +1,7 @@
 """Fails the docs build when the API pages and the public names disagree.
 
-Every name in ``sgld_optax.__all__`` and ``sgld_optax.torch_interop.__all__``
-must have a docstring and an entry (``::: module.name``) in the docs pages,
+Every name in `sgld_optax.__all__` and `sgld_optax.torch_interop.__all__`
+must have a docstring and an entry (`::: module.name`) in the docs pages,
 and every such entry must name a public name (an entry for a name that was
 removed or made private is reported too).
 """

@@ -15,10 +15,10 @@ ScalarOrSchedule = Union[Scalar, Callable[[Array], Array]]
 
 
 def concrete_float(value: Any) -> float | None:
-    """Returns ``value`` as a Python float when it is known now, else ``None``.
+    """Returns `value` as a Python float when it is known now, else `None`.
 
-    Hyperparameters may arrive as tracers (``optax.inject_hyperparams`` calls the
-    factory again inside ``update``) or as schedules; those cannot be checked at
+    Hyperparameters may arrive as tracers (`optax.inject_hyperparams` calls the
+    factory again inside `update`) or as schedules; those cannot be checked at
     construction and are skipped.
     """
     if callable(value) or value is None:
@@ -35,7 +35,7 @@ def concrete_float(value: Any) -> float | None:
 
 def check_scalar(name: str, value: Any, *, positive: bool = False,
                  non_negative: bool = False, allow_schedule: bool = False):
-    """Validates a scalar hyperparameter, naming ``name`` in the error."""
+    """Validates a scalar hyperparameter, naming `name` in the error."""
     if callable(value):
         if not allow_schedule:
             raise TypeError(f"{name} must be a number, got a callable {value!r}.")
@@ -68,17 +68,17 @@ def compute_dtype(dtype) -> jnp.dtype:
 
 
 def as_key(key: Any, *, typed: bool = False) -> Array:
-    """A PRNG key from an int seed, a typed key or a legacy ``PRNGKey``.
+    """A PRNG key from an int seed, a typed key or a legacy `PRNGKey`.
 
     Args:
-      key: an int seed, a scalar typed key (``jax.random.key``) or a legacy
-        uint32 ``(2,)`` key (``jax.random.PRNGKey``).
+      key: an int seed, a scalar typed key (`jax.random.key`) or a legacy
+        uint32 `(2,)` key (`jax.random.PRNGKey`).
       typed: return a typed key even for a legacy one (wrapped as Threefry,
         the implementation legacy keys come from).
 
     Raises:
       TypeError: for anything else, with a hint where the key is a tracer
-        (``optax.inject_hyperparams`` without ``static_args=("key",)``).
+        (`optax.inject_hyperparams` without `static_args=("key",)`).
     """
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         return jax.random.key(int(key))
@@ -116,8 +116,8 @@ def fmix32(x):
 
 
 def _varying_axes(aval) -> frozenset:
-    """The mesh axes along which a value of type ``aval`` (an abstract array
-    or ``jax.ShapeDtypeStruct``) varies inside ``jax.shard_map``."""
+    """The mesh axes along which a value of type `aval` (an abstract array
+    or `jax.ShapeDtypeStruct`) varies inside `jax.shard_map`."""
     manual = getattr(aval, "manual_axis_type", None)
     if manual is not None:
         return frozenset(manual.varying)
@@ -130,13 +130,13 @@ def _manual_axes() -> tuple:
 
 
 def platform_dependent(*args, **branches):
-    """``jax.lax.platform_dependent`` whose branches may differ in what varies.
+    """`jax.lax.platform_dependent` whose branches may differ in what varies.
 
-    Inside ``jax.shard_map`` every value is typed with the mesh axes along
+    Inside `jax.shard_map` every value is typed with the mesh axes along
     which it varies from device to device, and the branches of a switch must
     return the same types. Branches built differently (a custom call, a
     scatter with a sharding) can type the same output differently, so inside
-    ``shard_map`` each output of every branch is marked as varying along the
+    `shard_map` each output of every branch is marked as varying along the
     axes it varies along in any branch (a change of type only: each device's
     values are what it computed). Outside, this is the JAX function.
     """
@@ -163,18 +163,18 @@ def platform_dependent(*args, **branches):
 
 
 def is_python_zero(value) -> bool:
-    """Whether ``value`` is a literal Python or NumPy 0 (so a term can be left out)."""
+    """Whether `value` is a literal Python or NumPy 0 (so a term can be left out)."""
     return (isinstance(value, (int, float, np.integer, np.floating))
             and not isinstance(value, bool) and value == 0)
 
 
 def value_at(hparam, count):
-    """A hyperparameter's value at step ``count``: schedules are called."""
+    """A hyperparameter's value at step `count`: schedules are called."""
     return hparam(count) if callable(hparam) else hparam
 
 
 def static_int(name: str, value):
-    """``value`` as a Python int (``None`` kept), or a TypeError naming ``name``."""
+    """`value` as a Python int (`None` kept), or a TypeError naming `name`."""
     if value is None:
         return None
     if isinstance(value, jax.core.Tracer):
@@ -190,13 +190,13 @@ def static_int(name: str, value):
 
 
 def check_bool(name: str, value):
-    """Raises a TypeError naming ``name`` unless ``value`` is a bool."""
+    """Raises a TypeError naming `name` unless `value` is a bool."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {value!r}.")
 
 
 def flatten_like(treedef, tree, name: str) -> list:
-    """The subtrees of ``tree`` at the leaves of ``treedef`` (``None`` kept)."""
+    """The subtrees of `tree` at the leaves of `treedef` (`None` kept)."""
     try:
         return treedef.flatten_up_to(tree)
     except (ValueError, TypeError) as err:
@@ -206,10 +206,10 @@ def flatten_like(treedef, tree, name: str) -> list:
 
 
 def check_shapes_like(tree, params, name: str) -> list:
-    """Checks that ``tree`` has the structure and leaf shapes of ``params``.
+    """Checks that `tree` has the structure and leaf shapes of `params`.
 
     Returns:
-      The leaves of ``tree``, in the order of the params' leaves.
+      The leaves of `tree`, in the order of the params' leaves.
 
     Raises:
       ValueError: naming every leaf whose shape differs.

@@ -106,13 +106,13 @@ def _sums_of_products(vectors, pairs) -> dict:
 
 
 def metrics_from_components(components: dict, vectors, numel) -> Metrics:
-    """Computes `Metrics` from a step's named components.
+    r"""Computes `Metrics` from a step's named components.
 
     Each component is a sum of scalar multiples of unscaled vectors,
-    $c = \\sum_i a_i v_i$. Norms and dot products are taken from the sums
+    $c = \sum_i a_i v_i$. Norms and dot products are taken from the sums
     of products of the vectors over all leaves and scaled afterwards, so no
-    scaled component is formed: $\\langle c, c' \\rangle = \\sum_{i,j} a_i
-    a'_j \\langle v_i, v'_j \\rangle$. Vectors shared by several components
+    scaled component is formed: $\langle c, c' \rangle = \sum_{i,j} a_i
+    a'_j \langle v_i, v'_j \rangle$. Vectors shared by several components
     (for SGLD, the gradient of `scaled_grad` and `unscaled_grad`, the
     displacement of `localization` and `distance`) are summed once.
 
@@ -159,9 +159,9 @@ def metrics_from_components(components: dict, vectors, numel) -> Metrics:
 
 
 def aggregate(metrics: Iterable[Metrics]) -> Metrics:
-    """Combines metrics of disjoint parameter sets into one.
+    r"""Combines metrics of disjoint parameter sets into one.
 
-    Norms combine as $\\sqrt{\\sum_i \\|a_i\\|^2}$; dot products and
+    Norms combine as $\sqrt{\sum_i \|a_i\|^2}$; dot products and
     `numel` add up.
 
     Args:

@@ -6,37 +6,37 @@ from fusing the rounds with each other and with the arithmetic that consumes
 the noise; here the 20 rounds are written out, so that the bits, the
 transform to a normal and the SGLD update compile into one elementwise loop.
 
-Element :math:`i` (row-major flat index) of a draw of a given shape from key
-:math:`k` uses the block :math:`(y_0, y_1) = \mathrm{threefry2x32}(k, (0,
-i))` and the cosine branch of the Box-Muller transform (Box & Muller, 1958):
+Element $i$ (row-major flat index) of a draw of a given shape from key $k$
+uses the block $(y_0, y_1) = \mathrm{threefry2x32}(k, (0, i))$ and the
+cosine branch of the Box-Muller transform (Box & Muller, 1958):
 
-.. math::
+$$
+u = \frac{y_0 \,|\, 1}{2^{32}}, \qquad
+v = \frac{y_1 \bmod 2^{31}}{2^{31}}, \qquad
+z = (-1)^{\lfloor y_1 / 2^{31} \rfloor}
+    \sqrt{-2 \ln u}\, \cos\!\left(\tfrac{\pi}{2} v\right),
+$$
 
-    u = \frac{y_0 \,|\, 1}{2^{32}}, \qquad
-    v = \frac{y_1 \bmod 2^{31}}{2^{31}}, \qquad
-    z = (-1)^{\lfloor y_1 / 2^{31} \rfloor}
-        \sqrt{-2 \ln u}\, \cos\!\left(\tfrac{\pi}{2} v\right).
-
-where :math:`y_0 | 1` is first rounded down to its 24 leading significant
-bits (a float32 mantissa). With :math:`U` uniform on :math:`(0, 1)`,
-:math:`\Theta` uniform on :math:`[0, \pi/2)` and an independent random sign
-:math:`S`, :math:`S \cos\Theta` has the law of the cosine of an angle uniform
-on :math:`[0, 2\pi)`, so :math:`z \sim N(0, 1)` up to the discretisation of
-:math:`u` (never 0 or 1; :math:`|z| \le \sqrt{64 \ln 2} \approx 6.66`) and
-of :math:`v`. Blocks of different counters or keys are independent, so
+where $y_0 | 1$ is first rounded down to its 24 leading significant
+bits (a float32 mantissa). With $U$ uniform on $(0, 1)$,
+$\Theta$ uniform on $[0, \pi/2)$ and an independent random sign
+$S$, $S \cos\Theta$ has the law of the cosine of an angle uniform
+on $[0, 2\pi)$, so $z \sim N(0, 1)$ up to the discretisation of
+$u$ (never 0 or 1; $|z| \le \sqrt{64 \ln 2} \approx 6.66$) and
+of $v$. Blocks of different counters or keys are independent, so
 elements, leaves (keys folded with the leaf index), steps (keys split every
 step) and chains are too.
 
 Only elementwise integer and float arithmetic is used: the logarithm splits
-:math:`u` into a power of two (from the leading-zero count of :math:`y_0`)
-and a mantissa in :math:`[\sqrt{1/2}, \sqrt{2})`, whose logarithm is a
-degree-8 polynomial (absolute error below :math:`10^{-7}`); the cosine is a
-degree-5 polynomial in :math:`v^2` (absolute error below
-:math:`2 \times 10^{-7}`). Evaluated in float32, every draw is within
-:math:`10^{-6}` of the formula above in float64 (tested).
+$u$ into a power of two (from the leading-zero count of $y_0$)
+and a mantissa in $[\sqrt{1/2}, \sqrt{2})$, whose logarithm is a
+degree-8 polynomial (absolute error below $10^{-7}$); the cosine is a
+degree-5 polynomial in $v^2$ (absolute error below
+$2 \times 10^{-7}$). Evaluated in float32, every draw is within
+$10^{-6}$ of the formula above in float64 (tested).
 
-Keys of other implementations (``rbg``, ``unsafe_rbg``), float64 noise and
-draws of :math:`2^{32}` or more elements use ``jax.random.normal`` instead.
+Keys of other implementations (`rbg`, `unsafe_rbg`), float64 noise and
+draws of $2^{32}$ or more elements use `jax.random.normal` instead.
 
 References:
   Salmon, Moraes, Dror & Shaw, "Parallel random numbers: as easy as 1, 2, 3",
@@ -71,7 +71,7 @@ def threefry2x32(k0, k1, x0, x1):
       x0, x1: uint32 arrays of one shape, the counter words.
 
     Returns:
-      The two uint32 output words, shaped like ``x0``.
+      The two uint32 output words, shaped like `x0`.
     """
     ks = (k0, k1, k0 ^ k1 ^ _PARITY)
     x0 = x0 + ks[0]
@@ -87,7 +87,7 @@ def threefry2x32(k0, k1, x0, x1):
 
 
 def _flat_index(shape) -> jax.Array:
-    """uint32 row-major flat index of every element of ``shape``."""
+    """uint32 row-major flat index of every element of `shape`."""
     if not shape:
         return jnp.zeros((), jnp.uint32)
     index = lax.broadcasted_iota(jnp.uint32, shape, 0)
@@ -98,7 +98,7 @@ def _flat_index(shape) -> jax.Array:
 
 
 def key_words(key: jax.Array):
-    """The two uint32 words of a Threefry key, or ``None`` for other keys."""
+    """The two uint32 words of a Threefry key, or `None` for other keys."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if str(jax.random.key_impl(key)) != "threefry2x32":
             return None
@@ -109,7 +109,7 @@ def key_words(key: jax.Array):
 
 
 def _with_words(key: jax.Array, y0, y1) -> jax.Array:
-    """A key like ``key`` (typed or raw) holding the words ``y0, y1``."""
+    """A key like `key` (typed or raw) holding the words `y0, y1`."""
     data = jnp.stack([y0, y1], axis=-1)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return jax.random.wrap_key_data(data, impl="threefry2x32")
@@ -117,12 +117,12 @@ def _with_words(key: jax.Array, y0, y1) -> jax.Array:
 
 
 def fold_in(key: jax.Array, data) -> jax.Array:
-    """``jax.random.fold_in(key, data)`` with the Threefry rounds written out.
+    """`jax.random.fold_in(key, data)` with the Threefry rounds written out.
 
-    For a Threefry key and ``data`` a non-negative int below ``2**32`` (a
+    For a Threefry key and `data` a non-negative int below `2**32` (a
     Python int or an integer scalar array, possibly traced) the result is the
-    key ``threefry2x32(key, (0, data))``, equal to JAX's own; other keys use
-    ``jax.random.fold_in``.
+    key `threefry2x32(key, (0, data))`, equal to JAX's own; other keys use
+    `jax.random.fold_in`.
     """
     words = key_words(key)
     if words is None:
@@ -135,11 +135,11 @@ def fold_in(key: jax.Array, data) -> jax.Array:
 
 
 def fold_in_range(key: jax.Array, n: int) -> list:
-    """``[jax.random.fold_in(key, i) for i in range(n)]`` in one Threefry call.
+    """`[jax.random.fold_in(key, i) for i in range(n)]` in one Threefry call.
 
-    For a Threefry key, key ``i`` is ``threefry2x32(key, (0, i))``, JAX's
-    ``fold_in``; the ``n`` blocks are computed as one vectorised call, which
-    keeps the compiled program small. Other keys use ``jax.random.fold_in``.
+    For a Threefry key, key `i` is `threefry2x32(key, (0, i))`, JAX's
+    `fold_in`; the `n` blocks are computed as one vectorised call, which
+    keeps the compiled program small. Other keys use `jax.random.fold_in`.
     """
     words = key_words(key)
     if words is None:
@@ -150,12 +150,12 @@ def fold_in_range(key: jax.Array, n: int) -> list:
 
 
 def split(key: jax.Array):
-    """``jax.random.split(key)`` (two keys) with the Threefry rounds written out.
+    """`jax.random.split(key)` (two keys) with the Threefry rounds written out.
 
-    With JAX's default ``jax_threefry_partitionable``, key ``j`` of the split
-    is ``threefry2x32(key, (0, j))``; this computes the same two keys without
+    With JAX's default `jax_threefry_partitionable`, key `j` of the split
+    is `threefry2x32(key, (0, j))`; this computes the same two keys without
     the rolled loop JAX lowers the rounds to on CPU. Other keys use
-    ``jax.random.split``.
+    `jax.random.split`.
     """
     words = key_words(key)
     if words is None or not jax.config.jax_threefry_partitionable:
@@ -164,12 +164,12 @@ def split(key: jax.Array):
 
 
 def threefry_words(key: jax.Array, shape):
-    """The two uint32 Threefry words of every element of a draw of ``shape``.
+    """The two uint32 Threefry words of every element of a draw of `shape`.
 
-    Element ``i`` (row-major flat index) gets ``threefry2x32(key, (0, i))``.
+    Element `i` (row-major flat index) gets `threefry2x32(key, (0, i))`.
 
     Raises:
-      ValueError: if ``key`` is not a Threefry key.
+      ValueError: if `key` is not a Threefry key.
     """
     words = key_words(key)
     if words is None:
@@ -197,7 +197,7 @@ def _horner(x, coeffs):
 
 
 def _minus_two_log(y0: jax.Array) -> jax.Array:
-    """:math:`-2 \\ln u` for :math:`u = (y_0 | 1) / 2^{32}`, in float32."""
+    r"""$-2 \ln u$ for $u = (y_0 | 1) / 2^{32}$, in float32."""
     x = y0 | np.uint32(1)
     zeros = lax.clz(x)
     # 23 mantissa bits after the leading one.
@@ -225,21 +225,21 @@ def normal_from_words(y0: jax.Array, y1: jax.Array) -> jax.Array:
 
 def standard_normal(key: jax.Array, shape, dtype=jnp.float32, *,
                     shared: bool = False) -> jax.Array:
-    """Draws standard normal noise of ``shape`` in ``dtype`` from ``key``.
+    """Draws standard normal noise of `shape` in `dtype` from `key`.
 
     For a Threefry key, a float32 (or narrower) dtype and fewer than
-    :math:`2^{32}` elements, the draw is the fused Box-Muller draw of the
+    $2^{32}$ elements, the draw is the fused Box-Muller draw of the
     module docstring (computed in float32, then cast); otherwise it is
-    ``jax.random.normal(key, shape, dtype)``.
+    `jax.random.normal(key, shape, dtype)`.
 
     Args:
-      key: a PRNG key (typed, or raw ``uint32[2]`` Threefry key data).
+      key: a PRNG key (typed, or raw `uint32[2]` Threefry key data).
       shape: the shape of the draw.
       dtype: its floating-point dtype.
       shared: whether several computations will read the draw (the update
         and the reductions of the sampler's metrics, for example). The values
         are the same either way; on CPU, a shared fused draw is computed once
-        and kept in memory for its readers (see :func:`computed_once`).
+        and kept in memory for its readers (see `computed_once`).
     """
     shape = tuple(shape)
     dtype = jnp.dtype(dtype)
@@ -265,7 +265,7 @@ def _exact_remainder(z: jax.Array) -> jax.Array:
 
 
 def computed_once(z: jax.Array) -> jax.Array:
-    """The fused draw ``z`` itself, computed once on CPU whatever reads it.
+    r"""The fused draw `z` itself, computed once on CPU whatever reads it.
 
     XLA fuses cheap elementwise producers into each of their consumers, and
     counts the Threefry rounds and the polynomials of the Box-Muller
@@ -274,22 +274,22 @@ def computed_once(z: jax.Array) -> jax.Array:
     (the noise then took most of a step with metrics). A floating-point
     remainder counts as expensive, and XLA does not duplicate those into
     several consumers, so on CPU this returns
-    :math:`\\operatorname{fmod}(z, 16)`, which equals ``z`` (a remainder is
-    exact in IEEE arithmetic, and :math:`|z| < 16`): the draw is computed
+    $\operatorname{fmod}(z, 16)$, which equals `z` (a remainder is
+    exact in IEEE arithmetic, and $|z| < 16$): the draw is computed
     in one loop, written to memory and read by every consumer. A single
     consumer still fuses it into its own loop. (Under XLA's
-    ``xla_cpu_enable_fast_math`` a draw of :math:`-0` may come back as
-    :math:`+0`; draws are never subnormal, which fast math would flush.)
+    `xla_cpu_enable_fast_math` a draw of $-0$ may come back as
+    $+0$; draws are never subnormal, which fast math would flush.)
 
-    On other platforms ``z`` is returned unchanged, fused as their compilers
+    On other platforms `z` is returned unchanged, fused as their compilers
     decide: the duplication and its cure were measured on CPU only.
 
     Args:
-      z: a fused draw from :func:`normal_from_words` (float32, finite,
-        :math:`|z| < 16`).
+      z: a fused draw from `normal_from_words` (float32, finite,
+        $|z| < 16$).
 
     Returns:
-      An array equal to ``z``, element for element.
+      An array equal to `z`, element for element.
     """
     return lax.platform_dependent(z, cpu=_exact_remainder,
                                   default=lambda x: x)

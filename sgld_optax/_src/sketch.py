@@ -1,22 +1,23 @@
-"""Count sketches of a sampler's update components.
+r"""Count sketches of a sampler's update components.
 
-A count sketch maps a vector :math:`v \\in \\mathbb{R}^d` to
-:math:`S v \\in \\mathbb{R}^k` through a bucket hash :math:`h: [d] \\to [k]`
-and a sign hash :math:`s: [d] \\to \\{-1, +1\\}`:
+A count sketch maps a vector $v \in \mathbb{R}^d$ to $S v \in \mathbb{R}^k$
+through a bucket hash $h: [d] \to [k]$ and a sign hash
+$s: [d] \to \{-1, +1\}$:
 
-.. math::
+$$
+(S v)_j = \sum_{i:\, h(i) = j} s(i)\, v_i .
+$$
 
-    (S v)_j = \\sum_{i:\\, h(i) = j} s(i)\\, v_i .
+With independent random signs,
+$E[\langle Sv, Sw\rangle] = \langle v, w\rangle$ (Charikar et al., 2002;
+Weinberger et al., 2009), so inner products, norms and cosines between update
+components of different steps or runs can be estimated from $k$-dimensional
+sketches.
 
-With independent random signs, :math:`E[\\langle Sv, Sw\\rangle] =
-\\langle v, w\\rangle` (Charikar et al., 2002; Weinberger et al., 2009), so
-inner products, norms and cosines between update components of different steps
-or runs can be estimated from :math:`k`-dimensional sketches.
-
-:class:`CountSketch` hashes each index on the fly from the seed (a murmur3
-finaliser applied twice; the low 31 bits give the bucket modulo :math:`k`,
+`CountSketch` hashes each index on the fly from the seed (a murmur3
+finaliser applied twice; the low 31 bits give the bucket modulo $k$,
 the top bit the sign), so it stores nothing per parameter: **0 bytes per
-parameter**. :meth:`CountSketch.from_tables` builds one from explicit tables
+parameter**. `CountSketch.from_tables` builds one from explicit tables
 (int32 bucket and int8 sign per input, **5 bytes per parameter**), e.g. to
 reproduce another implementation's sketch exactly.
 
@@ -68,13 +69,13 @@ def _replicated(values) -> dict:
 
 
 def _scatter_add_windows(buffer, index, values):
-    """``buffer.at[index].add(values)`` for 1-D ``buffer``, ``index``, ``values``.
+    """`buffer.at[index].add(values)` for 1-D `buffer`, `index`, `values`.
 
-    ``index`` must lie in ``[0, len(buffer))``. Written as a scatter of
-    ``(n, 1)`` windows rather than of ``n`` scalars: XLA's CPU compiler
-    rewrites a scatter of scalars into this form and copies ``values`` into
+    `index` must lie in `[0, len(buffer))`. Written as a scatter of
+    `(n, 1)` windows rather than of `n` scalars: XLA's CPU compiler
+    rewrites a scatter of scalars into this form and copies `values` into
     the new shape on the way (a pass over memory per vector sketched); given
-    the windows, it reads ``values`` in place.
+    the windows, it reads `values` in place.
     """
     n = values.shape[0]
     if buffer.shape[-1] <= 2**15:
@@ -118,25 +119,25 @@ class SketchBuffer(NamedTuple):
 
     @classmethod
     def zeros(cls, sketch_dim: int) -> "SketchBuffer":
-        """An all-zero buffer of ``sketch_dim`` buckets."""
+        """An all-zero buffer of `sketch_dim` buckets."""
         z = jnp.zeros((sketch_dim,), jnp.float32)
         return cls(z, z, z, z, z)
 
 
 class CountSketch:
-    """A count sketch from ``input_dim`` to ``output_dim`` dimensions.
-
-    Args:
-      input_dim: dimension :math:`d` of the vectors sketched. Inside
-        :func:`sgld_optax.sgld` it is the total number of parameters, leaves
-        concatenated in ``jax.tree_util`` flatten order.
-      output_dim: number of buckets :math:`k`.
-      seed: integer seed of the hashes; equal seeds give equal sketches.
+    """A count sketch from `input_dim` to `output_dim` dimensions.
 
     The default construction hashes indices on the fly and stores no table
-    (0 bytes per parameter). Use :meth:`from_tables` for explicit tables.
+    (0 bytes per parameter). Use `from_tables` for explicit tables.
 
-    Example:
+    Args:
+      input_dim: dimension $d$ of the vectors sketched. Inside
+        `sgld_optax.sgld` it is the total number of parameters, leaves
+        concatenated in `jax.tree_util` flatten order.
+      output_dim: number of buckets $k$.
+      seed: integer seed of the hashes; equal seeds give equal sketches.
+
+    Examples:
       >>> import jax.numpy as jnp
       >>> import sgld_optax as so
       >>> cs = so.CountSketch(input_dim=1000, output_dim=64, seed=0)
@@ -173,14 +174,14 @@ class CountSketch:
         """Builds a count sketch from explicit bucket and sign tables.
 
         Args:
-          hash_indices: integer array of shape ``(input_dim,)`` with values in
-            ``[0, output_dim)``; stored as int32.
-          hash_signs: array of shape ``(input_dim,)`` with values in
-            ``{-1, +1}``; stored as int8.
+          hash_indices: integer array of shape `(input_dim,)` with values in
+            `[0, output_dim)`; stored as int32.
+          hash_signs: array of shape `(input_dim,)` with values in
+            `{-1, +1}`; stored as int8.
           output_dim: number of buckets.
 
         Returns:
-          A :class:`CountSketch` that uses these tables (5 bytes per input).
+          A `CountSketch` that uses these tables (5 bytes per input).
 
         Raises:
           ValueError: if the shapes disagree or values are out of range.
@@ -217,9 +218,9 @@ class CountSketch:
                 f"output_dim={self.output_dim}, seed={self.seed}, {kind})")
 
     def _signed_buckets(self, offset: int, size: int) -> jax.Array:
-        """int32 ``bucket + output_dim * (sign < 0)`` of each input.
+        """int32 `bucket + output_dim * (sign < 0)` of each input.
 
-        Scattering into ``2 * output_dim`` buckets by this index and
+        Scattering into `2 * output_dim` buckets by this index and
         subtracting the second half from the first applies the signs without
         multiplying the values by them.
         """
@@ -241,7 +242,7 @@ class CountSketch:
         return (bucket + np.uint32(k) * neg).astype(jnp.int32)
 
     def buckets_and_signs(self, offset: int, size: int):
-        """Buckets (int32) and signs (float32) of inputs ``offset .. offset+size-1``."""
+        """Buckets (int32) and signs (float32) of inputs `offset .. offset+size-1`."""
         signed = self._signed_buckets(offset, size)
         k = self.output_dim
         neg = signed >= k
@@ -250,16 +251,16 @@ class CountSketch:
 
     def scatter(self, buffer: jax.Array, values: jax.Array, offset: int
                 ) -> jax.Array:
-        """Adds the sketch of ``values`` placed at ``offset`` into ``buffer``.
+        """Adds the sketch of `values` placed at `offset` into `buffer`.
 
         By linearity, sketching a concatenation equals summing the sketches
         of its pieces, each at its offset.
 
         Args:
-          buffer: float32 array ``(output_dim,)`` or ``(output_dim, c)``.
-          values: array ``(n,)`` or ``(n, c)``, inputs ``offset`` to
-            ``offset + n - 1``.
-          offset: position of ``values[0]`` in the input vector.
+          buffer: float32 array `(output_dim,)` or `(output_dim, c)`.
+          values: array `(n,)` or `(n, c)`, inputs `offset` to
+            `offset + n - 1`.
+          offset: position of `values[0]` in the input vector.
 
         Returns:
           The updated buffer.
@@ -268,7 +269,7 @@ class CountSketch:
         return buffer + self._scatter_columns(values.T, offset).T
 
     def _scatter_columns(self, columns: jax.Array, offset: int) -> jax.Array:
-        """The sketches ``(..., output_dim)`` of the rows of ``columns (..., n)``.
+        """The sketches `(..., output_dim)` of the rows of `columns (..., n)`.
 
         Each row is a contiguous vector, which keeps the computation of the
         values vectorisable.
@@ -283,28 +284,27 @@ class CountSketch:
         return wide[..., :k] - wide[..., k:]
 
     def _sketch_concatenated(self, pieces) -> list:
-        """Sketches of ``c`` vectors, each the concatenation of its pieces.
+        """Sketches of `c` vectors, each the concatenation of its pieces.
 
-        ``pieces[i][j]`` is the ``i``-th piece (a flat array) of vector ``j``;
-        the pieces of all vectors have one length per ``i``, and piece ``i``
-        starts where piece ``i - 1`` ends. Returns a list of ``c`` float32
-        sketches of shape ``(output_dim,)``.
+        `pieces[i][j]` is the `i`-th piece (a flat array) of vector `j`;
+        the pieces of all vectors have one length per `i`, and piece `i`
+        starts where piece `i - 1` ends. Returns a list of `c` float32
+        sketches of shape `(output_dim,)`.
 
         How the sums are formed depends on the platform the program runs on
-        (:func:`jax.lax.platform_dependent`); the sketches agree up to the
+        (`jax.lax.platform_dependent`); the sketches agree up to the
         order of float32 additions:
 
         - CPU (and by default): one scatter-add per piece of each vector,
-          as :meth:`scatter` does. Stacking the vectors into one operand
+          as `scatter` does. Stacking the vectors into one operand
           would need a concatenation, which XLA's CPU loops do not
           vectorise (about 8% slower at 4M params).
-        - CUDA and ROCm GPUs: the scatter-adds of all ``c`` vectors go into
-          a ``(rows, 2 output_dim, c)`` buffer, each contiguous run of a
+        - CUDA and ROCm GPUs: the scatter-adds of all `c` vectors go into
+          a `(rows, 2 output_dim, c)` buffer, each contiguous run of a
           piece into its own row, which is summed over rows at the end. A
           GPU's scatter-add is an atomic addition per value, and with only
-          ``2 output_dim`` targets the atomics queue up behind each other;
-          spreading them over ``rows`` copies makes a 64M-parameter sketch
-          step about four times faster on an H100.
+          `2 output_dim` targets the atomics queue up behind each other;
+          spreading them over `rows` copies keeps the queues short.
         """
         pieces = [[jnp.asarray(v).reshape(-1) for v in piece]
                   for piece in pieces]
@@ -353,7 +353,7 @@ class CountSketch:
         return [total[:k, j] - total[k:, j] for j in range(c)]
 
     def sketch(self, v: jax.Array) -> jax.Array:
-        """The float32 sketch :math:`S v` of a flat vector ``v`` of length ``input_dim``."""
+        """The float32 sketch $S v$ of a flat vector `v` of length `input_dim`."""
         v = jnp.asarray(v)
         if v.shape != (self.input_dim,):
             raise ValueError(

@@ -26,14 +26,14 @@ __all__ = [
 
 
 class LearningCoefficient(NamedTuple):
-    """A learning coefficient and its multiplicity.
+    r"""A learning coefficient and its multiplicity.
 
     Attributes:
-        value: the learning coefficient :math:`\\lambda` (a float; it is always a
+        value: the learning coefficient $\lambda$ (a float; it is always a
             multiple of 1/8 for the models in this module).
-        multiplicity: the order :math:`m` of the pole at :math:`-\\lambda` of the
+        multiplicity: the order $m$ of the pole at $-\lambda$ of the
             zeta function, so that the free energy is
-            :math:`n L_n(w_0) + \\lambda \\log n - (m - 1) \\log \\log n + O_p(1)`.
+            $n L_n(w_0) + \lambda \log n - (m - 1) \log \log n + O_p(1)$.
     """
 
     value: float
@@ -59,25 +59,26 @@ def _check_widths(widths: Sequence[int], rank: int) -> tuple[list[int], int]:
 
 
 def regular_learning_coefficient(num_params: int) -> LearningCoefficient:
-    """Learning coefficient of a regular (identifiable, non-degenerate) model.
+    r"""Learning coefficient of a regular (identifiable, non-degenerate) model.
 
     When the Fisher information is non-singular at the true parameter, the
     posterior is asymptotically Gaussian and
 
-    .. math::
-        \\lambda = d / 2, \\qquad m = 1,
+    $$
+    \lambda = d / 2, \qquad m = 1,
+    $$
 
-    with :math:`d` the number of parameters. A well-specified linear regression
-    :math:`y = W x + \\varepsilon` with full-rank inputs is the standard
+    with $d$ the number of parameters. A well-specified linear regression
+    $y = W x + \varepsilon$ with full-rank inputs is the standard
     example.
 
     Args:
-        num_params: the number of parameters :math:`d`.
+        num_params: the number of parameters $d$.
 
     Returns:
-        A :class:`LearningCoefficient` with value ``d / 2`` and multiplicity 1.
+        A `LearningCoefficient` with value `d / 2` and multiplicity 1.
 
-    Example:
+    Examples:
         >>> regular_learning_coefficient(12)
         LearningCoefficient(value=6.0, multiplicity=1)
 
@@ -93,46 +94,48 @@ def regular_learning_coefficient(num_params: int) -> LearningCoefficient:
 
 def aoyagi_learning_coefficient(widths: Sequence[int],
                                                                 rank: int) -> LearningCoefficient:
-    """Learning coefficient of a deep linear network (Aoyagi, 2024).
+    r"""Learning coefficient of a deep linear network (Aoyagi, 2024).
 
-    The network maps :math:`x \\mapsto W_M \\cdots W_1 x`, with :math:`W_i` of
-    shape :math:`H_{i+1} \\times H_i`; ``widths`` is
-    :math:`(H_1, \\dots, H_{M+1})` from input to output, and ``rank`` is the rank
-    :math:`r` of the true product matrix. Set :math:`\\Delta_i = H_i - r`.
-    Let :math:`S` be the set of the :math:`\\ell + 1` smallest
-    :math:`\\Delta_i`, with :math:`\\ell \\geq 1` chosen so that
+    The network maps $x \mapsto W_M \cdots W_1 x$, with $W_i$ of
+    shape $H_{i+1} \times H_i$; `widths` is
+    $(H_1, \dots, H_{M+1})$ from input to output, and `rank` is the rank
+    $r$ of the true product matrix. Set $\Delta_i = H_i - r$.
+    Let $S$ be the set of the $\ell + 1$ smallest
+    $\Delta_i$, with $\ell \geq 1$ chosen so that
 
-    .. math::
-        \\sum_{i \\in S} \\Delta_i \\ge \\ell \\max_{i \\in S} \\Delta_i
-        \\quad\\text{and}\\quad
-        \\sum_{i \\in S} \\Delta_i < \\ell \\min_{k \\notin S} \\Delta_k
+    $$
+    \sum_{i \in S} \Delta_i \ge \ell \max_{i \in S} \Delta_i
+    \quad\text{and}\quad
+    \sum_{i \in S} \Delta_i < \ell \min_{k \notin S} \Delta_k
+    $$
 
-    (the second condition is empty when :math:`S` is every index). With
-    :math:`s = \\sum_{i\\in S} \\Delta_i` and :math:`a = s \\bmod \\ell`,
+    (the second condition is empty when $S$ is every index). With
+    $s = \sum_{i\in S} \Delta_i$ and $a = s \bmod \ell$,
 
-    .. math::
-        \\lambda = \\frac{-r^2 + r (H_1 + H_{M+1})}{2}
-            + \\frac{a (\\ell - a)}{4 \\ell}
-            - \\frac{\\ell (\\ell - 1)}{4} \\Bigl(\\frac{s}{\\ell}\\Bigr)^2
-            + \\frac12 \\sum_{i < j \\in S} \\Delta_i \\Delta_j ,
+    $$
+    \lambda = \frac{-r^2 + r (H_1 + H_{M+1})}{2}
+        + \frac{a (\ell - a)}{4 \ell}
+        - \frac{\ell (\ell - 1)}{4} \Bigl(\frac{s}{\ell}\Bigr)^2
+        + \frac12 \sum_{i < j \in S} \Delta_i \Delta_j ,
+    $$
 
-    and the multiplicity is :math:`m = 1` if :math:`a = 0`, else :math:`m = 2`.
+    and the multiplicity is $m = 1$ if $a = 0$, else $m = 2$.
 
     The value is the smallest learning coefficient over the set of true
     parameters: the local learning coefficient at a particular true parameter
     equals it at the most singular ("deepest") points, for instance the origin
-    when :math:`r = 0`, and can be larger elsewhere.
+    when $r = 0$, and can be larger elsewhere.
 
     Args:
-        widths: layer widths :math:`H_1, \\dots, H_{M+1}`, input first. Two widths
-            describe a single matrix (a regular model: :math:`\\lambda = d/2`).
-        rank: rank :math:`r` of the true product matrix,
-            ``0 <= rank <= min(widths)``.
+        widths: layer widths $H_1, \dots, H_{M+1}$, input first. Two widths
+            describe a single matrix (a regular model: $\lambda = d/2$).
+        rank: rank $r$ of the true product matrix,
+            `0 <= rank <= min(widths)`.
 
     Returns:
-        A :class:`LearningCoefficient`.
+        A `LearningCoefficient`.
 
-    Example:
+    Examples:
         >>> aoyagi_learning_coefficient([5, 3, 5], rank=0)
         LearningCoefficient(value=6.5, multiplicity=2)
         >>> aoyagi_learning_coefficient([5, 5, 5, 5], rank=2).value
@@ -172,32 +175,32 @@ def aoyagi_learning_coefficient(widths: Sequence[int],
 def reduced_rank_regression_learning_coefficient(
         input_dim: int, hidden_dim: int, output_dim: int,
         rank: int) -> LearningCoefficient:
-    """Learning coefficient of reduced rank regression (Aoyagi & Watanabe, 2005).
+    r"""Learning coefficient of reduced rank regression (Aoyagi & Watanabe, 2005).
 
-    The model is :math:`x \\mapsto B A x` with :math:`A` of shape
-    :math:`H \\times M` and :math:`B` of shape :math:`N \\times H`, and the true
-    product has rank :math:`r`. With :math:`M` inputs, :math:`N` outputs:
+    The model is $x \mapsto B A x$ with $A$ of shape
+    $H \times M$ and $B$ of shape $N \times H$, and the true
+    product has rank $r$. With $M$ inputs, $N$ outputs:
 
-    * if :math:`M + H < N + r`: :math:`\\lambda = (HM - Hr + Nr)/2`, :math:`m=1`;
-    * if :math:`N + H < M + r`: :math:`\\lambda = (HN - Hr + Mr)/2`, :math:`m=1`;
-    * if :math:`M + N < H + r`: :math:`\\lambda = MN/2`, :math:`m=1`;
-    * otherwise, with :math:`q = 2(H+r)(M+N) - (M-N)^2 - (H+r)^2`:
-        :math:`\\lambda = q/8`, :math:`m = 1` when :math:`M+H+N+r` is even, and
-        :math:`\\lambda = (q+1)/8`, :math:`m = 2` when it is odd.
+    * if $M + H < N + r$: $\lambda = (HM - Hr + Nr)/2$, $m=1$;
+    * if $N + H < M + r$: $\lambda = (HN - Hr + Mr)/2$, $m=1$;
+    * if $M + N < H + r$: $\lambda = MN/2$, $m=1$;
+    * otherwise, with $q = 2(H+r)(M+N) - (M-N)^2 - (H+r)^2$:
+        $\lambda = q/8$, $m = 1$ when $M+H+N+r$ is even, and
+        $\lambda = (q+1)/8$, $m = 2$ when it is odd.
 
-    It is the two-layer case of :func:`aoyagi_learning_coefficient`, derived
+    It is the two-layer case of `aoyagi_learning_coefficient`, derived
     independently.
 
     Args:
-        input_dim: :math:`M`.
-        hidden_dim: :math:`H`.
-        output_dim: :math:`N`.
-        rank: :math:`r`, ``0 <= r <= min(M, H, N)``.
+        input_dim: $M$.
+        hidden_dim: $H$.
+        output_dim: $N$.
+        rank: $r$, `0 <= r <= min(M, H, N)`.
 
     Returns:
-        A :class:`LearningCoefficient`.
+        A `LearningCoefficient`.
 
-    Example:
+    Examples:
         >>> reduced_rank_regression_learning_coefficient(4, 3, 8, rank=0)
         LearningCoefficient(value=6.0, multiplicity=1)
 

@@ -26,7 +26,7 @@ from sgld_optax._src import base
 
 class Factors(NamedTuple):
     """Per leaf, the preconditioner's factor of the drift and of the noise
-    (``None`` for 1)."""
+    (`None` for 1)."""
 
     drift: list
     noise: list
@@ -37,10 +37,10 @@ class Preconditioner(NamedTuple):
 
     Attributes:
       fields: names of the state fields it keeps (each a list over leaves).
-      init: ``init(p_leaves) -> {field: leaves}``.
-      update: ``update(fields, g_leaves, count) -> (new fields, Factors)``,
-        with ``g_leaves`` the raw loss gradient (``None`` for a leaf without
-        one) and ``count`` the steps taken before this one.
+      init: `init(p_leaves) -> {field: leaves}`.
+      update: `update(fields, g_leaves, count) -> (new fields, Factors)`,
+        with `g_leaves` the raw loss gradient (`None` for a leaf without
+        one) and `count` the steps taken before this one.
     """
 
     fields: tuple

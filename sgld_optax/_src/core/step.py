@@ -55,23 +55,23 @@ STATE_TYPES: list = []
 
 
 def sampler_state(cls):
-    """Registers ``cls`` as a sampler state (class decorator)."""
+    """Registers `cls` as a sampler state (class decorator)."""
     STATE_TYPES.append(cls)
     return cls
 
 
 def is_sampler_state(x) -> bool:
-    """Whether ``x`` is the state of one of the family's samplers."""
+    """Whether `x` is the state of one of the family's samplers."""
     return isinstance(x, tuple(STATE_TYPES))
 
 
 class Dynamics(NamedTuple):
-    """How the drift and noise move the parameters.
+    r"""How the drift and noise move the parameters.
 
     Attributes:
-      kind: ``"langevin"``, ``"momentum"`` or ``"thermostat"``.
-      friction: the per-step friction $\\alpha$ (momentum) or diffusion
-        factor $a$ (thermostat); ``None`` for Langevin.
+      kind: `"langevin"`, `"momentum"` or `"thermostat"`.
+      friction: the per-step friction $\alpha$ (momentum) or diffusion
+        factor $a$ (thermostat); `None` for Langevin.
     """
 
     kind: str
@@ -113,9 +113,9 @@ def transformation(
 
     Validates the shared hyperparameters (naming the argument), decides from
     them which state exists, and returns the optax transformation whose
-    ``update`` takes one step. ``state_type`` is the sampler's state
-    NamedTuple: ``count``, ``key``, ``initial_params``, the preconditioner's
-    and the dynamics' fields, ``metrics`` and ``sketch``.
+    `update` takes one step. `state_type` is the sampler's state
+    NamedTuple: `count`, `key`, `initial_params`, the preconditioner's
+    and the dynamics' fields, `metrics` and `sketch`.
     """
     if key is None:
         raise TypeError(base.MISSING_KEY.format(sampler=name))
@@ -356,7 +356,7 @@ def transformation(
 
 def components(terms, preconditioned: bool, lr, nb, noise_level, noise_mult,
                has_displacement) -> dict:
-    """The step's named components, each a list of ``(scale, vector key)``.
+    """The step's named components, each a list of `(scale, vector key)`.
 
     Scales are float32 scalars; the vector keys index the per-leaf dicts
     of unscaled (masked, maybe preconditioned) vectors the step builds.

@@ -44,7 +44,7 @@ class GaussianPrior(NamedTuple):
       center: `"initial"` for the parameters given to `init` ($w_0$), `None`
         for $0$, or a pytree with the params' structure and shapes.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> import sgld_optax as so
       >>> params = {"w": jnp.ones(3)}
@@ -66,7 +66,7 @@ class Term(NamedTuple):
 
 def priors_of(localization, weight_decay, priors: Sequence[GaussianPrior]
               ) -> list[GaussianPrior]:
-    """The priors of a sampler: localization, weight decay, then ``priors``.
+    """The priors of a sampler: localization, weight decay, then `priors`.
 
     Terms whose precision is a literal 0 are left out, so they cost nothing.
 
@@ -120,7 +120,7 @@ def drift_terms(nbeta, priors: Sequence[GaussianPrior]) -> list[Term]:
 
 
 def base_vector(name: str, w, g, w0, centers):
-    """The base vector ``name`` of one leaf, in ``w``'s dtype."""
+    """The base vector `name` of one leaf, in `w`'s dtype."""
     if name == GRAD:
         return g
     if name == WEIGHT:

@@ -33,7 +33,7 @@ def default_nbeta(batch_size: Any, gradient_accumulation_steps: int = 1) -> floa
     Raises:
       TypeError: if `batch_size` is neither an int nor has `batch_size`.
 
-    Example:
+    Examples:
       >>> import sgld_optax as so
       >>> round(so.default_nbeta(64), 3)
       15.389

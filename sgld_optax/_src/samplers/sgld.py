@@ -121,7 +121,7 @@ def sgld(
       TypeError: without `key`, or for a hyperparameter of the wrong type.
       ValueError: for invalid hyperparameters, naming the argument.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> import sgld_optax as so
       >>> params = {"w": jnp.ones(3)}
