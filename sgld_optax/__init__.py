@@ -2,6 +2,7 @@
 
 from sgld_optax._src.core.terms import GaussianPrior
 from sgld_optax._src.diagnostics import effective_sample_size
+from sgld_optax._src.diagnostics import mcse_mean
 from sgld_optax._src.diagnostics import split_rhat
 from sgld_optax._src.llc.result import LLCResult
 from sgld_optax._src.llc.api import estimate_llc
@@ -43,6 +44,7 @@ __all__ = (
     "estimate_llc",
     "get_metrics",
     "get_sketches",
+    "mcse_mean",
     "reduced_rank_regression_learning_coefficient",
     "regular_learning_coefficient",
     "rmsprop_sgld",
