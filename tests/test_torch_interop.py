@@ -22,7 +22,7 @@ from safetensors.torch import save_file as torch_save_safetensors  # noqa: E402
 
 import sgld_optax as so  # noqa: E402
 from sgld_optax import torch_interop as ti  # noqa: E402
-from sgld_optax._src import torch_interop as ti_src  # noqa: E402
+from sgld_optax._src.interop import devinterp as ti_devinterp  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Models and helpers
@@ -160,7 +160,7 @@ def test_without_torch(monkeypatch, tmp_path):
           "fc.bias": np.ones(2, np.float32)}
     pt_path = tmp_path / "model.pt"
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, pt_path)
-    expected_tables = ti_src._devinterp_tables(50, 7, 3, use_torch=True)
+    expected_tables = ti_devinterp._devinterp_tables(50, 7, 3, use_torch=True)
 
     monkeypatch.setitem(sys.modules, "torch", None)
     params = {"fc": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
@@ -1010,7 +1010,7 @@ def test_count_sketch_tables_match_devinterp(input_dim, output_dim, seed):
     np.testing.assert_array_equal(cs.hash_indices, ref.hash_indices.numpy())
     np.testing.assert_array_equal(cs.hash_signs, ref.hash_signs.numpy())
     for use_torch in (True, False):
-        idx, sgn = ti_src._devinterp_tables(input_dim, output_dim, seed, use_torch)
+        idx, sgn = ti_devinterp._devinterp_tables(input_dim, output_dim, seed, use_torch)
         np.testing.assert_array_equal(idx, ref.hash_indices.numpy())
         np.testing.assert_array_equal(sgn, ref.hash_signs.numpy())
     v = np.random.default_rng(seed % 7).normal(size=input_dim).astype(np.float32)

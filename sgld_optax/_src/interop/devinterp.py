@@ -1,876 +1,32 @@
-"""Moving checkpoints, sampler state and count sketches between PyTorch and JAX.
+"""devinterp's optimizer state and count sketches, to and from the samplers here.
 
-PyTorch is optional. Nothing here imports it at module level: functions that
-need it import it when called and raise an `ImportError` with the
-install command when it is missing. ``.safetensors`` files, and state dicts
-of NumPy arrays, are read and written without it.
-
-Naming and layout conventions (the ones of the usual PyTorch to Flax
-conversion):
-
-================================  =========================================
-PyTorch                           Flax (linen)
-================================  =========================================
-``a.b.weight`` (dotted name)      ``{"a": {"b": {...}}}`` (nested dicts)
-``layers.0`` (container index)    ``layers_0``
-``Linear.weight`` ``(out, in)``   ``kernel`` ``(in, out)`` (transposed)
-``ConvNd.weight`` ``(O, I, *K)``  ``kernel`` ``(*K, I, O)`` (OIHW -> HWIO)
-norm-layer ``weight``             ``scale``
-``Embedding.weight``              ``embedding``
-``running_mean`` / ``running_var``  ``batch_stats`` ``mean`` / ``var``
-``num_batches_tracked``           dropped
-================================  =========================================
+devinterp 2.0.1's `SGLD`, `SGMCMC.sgld` and `SGMCMC.rmsprop_sgld` state
+moves to `sgld_optax.sgld` and `sgld_optax.rmsprop_sgld` state and back, and
+devinterp's count-sketch tables are rebuilt exactly.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import importlib.util
 import math
-import os
-import pickle
-import re
-import struct
-import sys
-import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 
+from sgld_optax._src.interop.checkpoints import (
+    _is_module, _is_tensor, _loaded_torch, _numpy_dtype_of, _numpy_to_tensor,
+    _require_torch, _tensor_to_numpy)
+from sgld_optax._src.interop.rules import (
+    _default_layout, _flax_entry, _fmt_path, _leaf_to_numpy, _match,
+    _mismatch_error, _module_kinds, _path_tokens, _shape, _torch_entry)
 from sgld_optax._src.sketch import CountSketch
 
 PyTree = Any
-PathLike = Union[str, "os.PathLike[str]"]
-
-
-INSTALL_HINT = "pip install 'sgld_optax[torch]'"
-
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-_SAFETENSORS_SUFFIX = ".safetensors"
-
-# Extensions NumPy lacks, carried through ml_dtypes, with the unsigned-int
-# view of the same width used to move the raw bits.
-_EXTENSION_DTYPES = {
-    "bfloat16": (ml_dtypes.bfloat16, np.int16),
-    "float8_e4m3fn": (ml_dtypes.float8_e4m3fn, np.uint8),
-    "float8_e4m3fnuz": (ml_dtypes.float8_e4m3fnuz, np.uint8),
-    "float8_e5m2": (ml_dtypes.float8_e5m2, np.uint8),
-    "float8_e5m2fnuz": (ml_dtypes.float8_e5m2fnuz, np.uint8),
-}
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint and a template do not line up.
-
-    Raised once, listing every problem, before anything is converted.
-
-    Attributes:
-      missing: names the template has and the source lacks, with shapes.
-      unexpected: names the source has and the template lacks, with shapes.
-      mismatched: ``(source name, target name, source shape, converted
-        shape, expected shape)`` for each pair whose shapes disagree.
-    """
-
-    def __init__(self, message: str, missing: Sequence = (),
-                 unexpected: Sequence = (), mismatched: Sequence = ()):
-        super().__init__(message)
-        self.missing = list(missing)
-        self.unexpected = list(unexpected)
-        self.mismatched = list(mismatched)
-
-
-# ---------------------------------------------------------------------------
-# Optional torch
-# ---------------------------------------------------------------------------
-
-
-def _require_torch(what: str = "this function"):
-    """Imports and returns torch, or raises an ImportError with the install hint."""
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as err:
-        raise ImportError(
-            f"{what} needs PyTorch, which is not installed. Install it with: "
-            f"{INSTALL_HINT}") from err
-    return torch
-
-
-def _loaded_torch():
-    """The torch module if something already imported it, else None."""
-    mod = sys.modules.get("torch")
-    return mod if mod is not None and hasattr(mod, "Tensor") else None
-
-
-def _is_tensor(x) -> bool:
-    torch = _loaded_torch()
-    return torch is not None and isinstance(x, torch.Tensor)
-
-
-def _is_module(x) -> bool:
-    torch = _loaded_torch()
-    return torch is not None and isinstance(x, torch.nn.Module)
-
-
-def _tensor_to_numpy(t, name: str) -> np.ndarray:
-    """A C-contiguous NumPy copy of a torch tensor, bit for bit."""
-    torch = _loaded_torch()
-    if t.layout != torch.strided:
-        raise TypeError(f"{name}: only dense tensors are supported, got layout "
-                        f"{t.layout}.")
-    if t.is_quantized:
-        raise TypeError(f"{name}: quantized tensors are not supported.")
-    if t.device.type == "meta":
-        raise ValueError(f"{name}: tensor is on the meta device and holds no "
-                         "data.")
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    dname = str(t.dtype).removeprefix("torch.")
-    if dname in _EXTENSION_DTYPES:
-        np_dtype, carrier = _EXTENSION_DTYPES[dname]
-        carrier_t = getattr(torch, np.dtype(carrier).name)
-        arr = t.contiguous().view(carrier_t).numpy().view(np_dtype)
-    else:
-        try:
-            arr = t.numpy()
-        except TypeError as err:
-            raise TypeError(f"{name}: dtype {t.dtype} has no NumPy "
-                            "counterpart.") from err
-    return np.array(arr, copy=True, order="C")
-
-
-def _numpy_to_tensor(arr: np.ndarray):
-    torch = _require_torch("converting to torch tensors")
-    arr = np.array(arr, order="C")  # a copy; keeps 0-d arrays 0-d
-    for dname, (np_dtype, carrier) in _EXTENSION_DTYPES.items():
-        if arr.dtype == np_dtype:
-            return torch.from_numpy(arr.view(carrier)).view(
-                getattr(torch, dname))
-    return torch.from_numpy(arr)
-
-
-def _numpy_dtype_of(t) -> np.dtype:
-    """The NumPy dtype matching a torch dtype (ml_dtypes for extensions)."""
-    dname = str(t.dtype).removeprefix("torch.")
-    if dname in _EXTENSION_DTYPES:
-        return np.dtype(_EXTENSION_DTYPES[dname][0])
-    torch = _loaded_torch()
-    return torch.empty((), dtype=t.dtype).numpy().dtype
-
-
-# ---------------------------------------------------------------------------
-# Reading checkpoints
-# ---------------------------------------------------------------------------
-
-
-def _sniff(path: Path) -> Optional[str]:
-    """'torch', 'safetensors' or None, from the first bytes of the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"PK\x03\x04":
-        return "torch"  # zip archive written by torch.save
-    if head[:1] == b"\x80":
-        return "torch"  # legacy pickle-based torch.save
-    if len(head) == 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if 2 <= n <= size - 8 and head[8:9] == b"{":
-            return "safetensors"
-    return None
-
-
-def _not_a_checkpoint(path, detail=""):
-    return ValueError(
-        f"{os.fspath(path)!r} is not a checkpoint: expected a file written by "
-        f"torch.save ({', '.join(_TORCH_SUFFIXES)}) or a .safetensors file"
-        + (f" ({detail})" if detail else "") + ".")
-
-
-def _load_file(path) -> Mapping:
-    path = Path(os.fspath(path))
-    if not path.exists():
-        raise FileNotFoundError(f"No such checkpoint file: {os.fspath(path)!r}")
-    if path.is_dir():
-        raise _not_a_checkpoint(path, "it is a directory")
-    fmt = _sniff(path)
-    if fmt is None:
-        raise _not_a_checkpoint(path, "unrecognised file contents")
-    if fmt == "safetensors":
-        from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
-        try:
-            return st_numpy.load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types
-            raise _not_a_checkpoint(path, f"unreadable safetensors: {err}") from err
-    torch = _require_torch(f"Loading {path.name}")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{os.fspath(path)!r} holds objects other than tensors and plain "
-            "containers; it is loaded with torch.load(weights_only=True), which "
-            "never runs code stored in a file. Save a state dict "
-            "(module.state_dict()) instead.") from err
-    except Exception as err:  # corrupt or foreign file
-        raise _not_a_checkpoint(path, f"torch.load failed: {err}") from err
-    if not isinstance(obj, Mapping):
-        raise _not_a_checkpoint(
-            path, f"it holds a {type(obj).__name__}, not a state dict")
-    return obj
-
-
-def _source_to_numpy(source) -> "collections.OrderedDict[str, np.ndarray]":
-    """Turns a path, module or state dict into an ordered dict of NumPy arrays."""
-    if isinstance(source, (str, os.PathLike)):
-        mapping = _load_file(source)
-    elif _is_module(source):
-        mapping = source.state_dict()
-    elif isinstance(source, Mapping):
-        mapping = source
-    else:
-        raise TypeError(
-            "Expected a state dict (a mapping of names to tensors), a "
-            "torch.nn.Module or a checkpoint path, got "
-            f"{type(source).__name__}.")
-    out = collections.OrderedDict()
-    problems = []
-    for name, value in mapping.items():
-        if not isinstance(name, str):
-            problems.append(f"{name!r}: keys must be strings")
-        elif _is_tensor(value):
-            continue
-        elif isinstance(value, (np.ndarray, jax.Array)):
-            continue
-        elif isinstance(value, Mapping):
-            problems.append(
-                f"{name!r}: holds a nested dict, not a tensor (if this is a "
-                f"training checkpoint, pass checkpoint[{name!r}])")
-        else:
-            problems.append(f"{name!r}: holds a {type(value).__name__}, not a "
-                            "tensor")
-    if problems:
-        raise TypeError("The state dict has entries that are not tensors:\n  "
-                        + "\n  ".join(problems))
-    if not mapping:
-        raise ValueError("The state dict is empty.")
-    for name, value in mapping.items():
-        if _is_tensor(value):
-            out[name] = _tensor_to_numpy(value, name)
-        else:
-            out[name] = np.array(value, copy=True, order="C")
-    return out
-
-
-def _fit_for_jax(arr: np.ndarray, name: str) -> np.ndarray:
-    """Narrows 64-bit arrays when JAX runs without x64, refusing lossy ints."""
-    if jax.config.jax_enable_x64 or arr.dtype.itemsize < 8:
-        return arr
-    kind = arr.dtype.kind
-    if kind in "iu":
-        target = np.dtype(np.int32 if kind == "i" else np.uint32)
-        info = np.iinfo(target)
-        if arr.size and (arr.min() < info.min or arr.max() > info.max):
-            raise ValueError(
-                f"{name}: {arr.dtype} values do not fit in {target}, the widest "
-                "integer JAX uses without 64-bit mode; enable it with "
-                "jax.config.update('jax_enable_x64', True).")
-        return arr.astype(target)
-    if kind in "fc":
-        target = np.dtype(np.float32 if kind == "f" else np.complex64)
-        warnings.warn(
-            f"{name}: {arr.dtype} is stored as {target} because JAX runs "
-            "without 64-bit mode (jax.config.update('jax_enable_x64', True) "
-            "keeps it).", UserWarning, stacklevel=4)
-        return arr.astype(target)
-    return arr
-
-
-# ---------------------------------------------------------------------------
-# Names and layouts
-# ---------------------------------------------------------------------------
-
-_DIGITS = re.compile(r"^\d+$")
-_TRAILING_INDEX = re.compile(r"^(.+)_(\d+)$")
-_EMBEDDING_HINT = re.compile(r"(emb|^wte$|^wpe$)", re.IGNORECASE)
-_WEIGHT_LEAVES = ("kernel", "scale", "embedding", "weight", "gamma")
-
-
-class _Entry(NamedTuple):
-    coll: str           # "params", "batch_stats" or another collection
-    mods: tuple         # module path tokens
-    leaf: str           # canonical leaf name
-
-
-def _torch_entry(name: str) -> Optional[_Entry]:
-    parts = name.split(".")
-    leaf, mods = parts[-1], tuple(parts[:-1])
-    if leaf == "num_batches_tracked":
-        return None
-    if leaf in ("running_mean", "running_var"):
-        return _Entry("batch_stats", mods, leaf)
-    return _Entry("params", mods, {"gamma": "weight", "beta": "bias"}.get(leaf, leaf))
-
-
-def _flax_entry(tokens: tuple, variables: bool) -> _Entry:
-    if variables:
-        coll, rest = tokens[0], tokens[1:]
-    else:
-        coll, rest = "params", tokens
-    if not rest:
-        return _Entry(coll, (), "")
-    mods, leaf = tuple(rest[:-1]), rest[-1]
-    if coll == "batch_stats" and leaf in ("mean", "var"):
-        leaf = "running_" + leaf
-    elif leaf in _WEIGHT_LEAVES:
-        leaf = "weight"
-    elif leaf == "beta":
-        leaf = "bias"
-    return _Entry(coll, mods, leaf)
-
-
-def _merge_indices(mods) -> tuple:
-    """``("layers", "0")`` -> ``("layers_0",)``; a leading index -> ``layers_N``."""
-    out = []
-    for tok in mods:
-        if _DIGITS.match(tok):
-            out.append(f"{out.pop()}_{tok}" if out else f"layers_{tok}")
-        else:
-            out.append(tok)
-    return tuple(out)
-
-
-def _split_indices(mods) -> tuple:
-    """``("net_0_1",)`` -> ``("net", "0", "1")``."""
-    out = []
-    for tok in mods:
-        tail = []
-        while (m := _TRAILING_INDEX.match(tok)) is not None:
-            tok = m.group(1)
-            tail.append(m.group(2))
-        out.append(tok)
-        out.extend(reversed(tail))
-    return tuple(out)
-
-
-def _drop_sequential(mods) -> tuple:
-    """Drops ``layers`` tokens that stand before an index (``nn.Sequential``)."""
-    return tuple(t for i, t in enumerate(mods)
-                 if not (t == "layers" and i + 1 < len(mods)
-                         and _DIGITS.match(mods[i + 1])))
-
-
-def _canonical(entry: _Entry, level: int, side: str) -> tuple:
-    mods = entry.mods
-    if level == 0:
-        mods = _merge_indices(mods) if side == "torch" else mods
-    else:
-        mods = _split_indices(mods)
-        if level == 2:
-            mods = _drop_sequential(mods)
-    return (entry.coll, mods, entry.leaf)
-
-
-def _match(torch_names, flax_entries):
-    """Pairs torch names with flax leaves; returns (pairs, torch left, flax left).
-
-    ``flax_entries`` maps a flax key to its `_Entry`. Names are paired
-    when their canonical forms agree and are unique on both sides, first
-    exactly, then ignoring ``_N`` vs ``.N`` spelling, then also ignoring the
-    ``layers`` level of ``nn.Sequential``.
-    """
-    t_left = {n: e for n in torch_names if (e := _torch_entry(n)) is not None}
-    f_left = dict(flax_entries)
-    pairs = {}
-    for level in (0, 1, 2):
-        t_groups = collections.defaultdict(list)
-        f_groups = collections.defaultdict(list)
-        for n, e in t_left.items():
-            t_groups[_canonical(e, level, "torch")].append(n)
-        for k, e in f_left.items():
-            f_groups[_canonical(e, level, "flax")].append(k)
-        for canon, names in t_groups.items():
-            keys = f_groups.get(canon, [])
-            if len(names) == 1 and len(keys) == 1:
-                pairs[names[0]] = keys[0]
-                del t_left[names[0]]
-                del f_left[keys[0]]
-    return pairs, list(t_left), list(f_left)
-
-
-def _flax_layout(arr: np.ndarray, flax_leaf: str) -> np.ndarray:
-    """Torch layout -> Flax layout, decided by the Flax leaf name."""
-    if flax_leaf == "kernel":
-        if arr.ndim == 2:
-            return np.ascontiguousarray(arr.T)
-        if arr.ndim >= 3:
-            perm = (*range(2, arr.ndim), 1, 0)
-            return np.ascontiguousarray(np.transpose(arr, perm))
-    return arr
-
-
-def _torch_layout(arr: np.ndarray, flax_leaf: str) -> np.ndarray:
-    """Flax layout -> torch layout, the inverse of `_flax_layout`."""
-    if flax_leaf == "kernel":
-        if arr.ndim == 2:
-            return np.ascontiguousarray(arr.T)
-        if arr.ndim >= 3:
-            n = arr.ndim
-            perm = (n - 1, n - 2, *range(n - 2))
-            return np.ascontiguousarray(np.transpose(arr, perm))
-    return arr
-
-
-def _default_flax_name(name: str, arr: np.ndarray):
-    """Flax (collection, path) for a torch name when there is no template."""
-    entry = _torch_entry(name)
-    if entry is None:
-        return None
-    mods = _merge_indices(entry.mods)
-    raw_leaf = name.split(".")[-1]
-    if entry.coll == "batch_stats":
-        return "batch_stats", mods + (raw_leaf[len("running_"):],)
-    if entry.leaf == "weight":
-        if arr.ndim == 1:
-            leaf = "scale"
-        elif arr.ndim == 2 and mods and _EMBEDDING_HINT.search(mods[-1]):
-            leaf = "embedding"
-        elif arr.ndim >= 2:
-            leaf = "kernel"
-        else:
-            leaf = raw_leaf
-    else:
-        leaf = entry.leaf
-    return "params", mods + (leaf,)
-
-
-def _key_token(k) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _path_tokens(path) -> tuple:
-    return tuple(_key_token(k) for k in path)
-
-
-def _is_variables(tree) -> bool:
-    return (isinstance(tree, Mapping) and "params" in tree
-            and isinstance(tree["params"], Mapping)
-            and all(isinstance(v, Mapping) for v in tree.values()))
-
-
-def _ordered_leaves(tree, prefix=()):
-    """(tokens, leaf) pairs in insertion order (jax.tree_util sorts dict keys)."""
-    if isinstance(tree, Mapping):
-        for k, v in tree.items():
-            yield from _ordered_leaves(v, prefix + (str(k),))
-    elif isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-        for i, v in enumerate(tree):
-            yield from _ordered_leaves(v, prefix + (str(i),))
-    elif tree is not None:
-        yield prefix, tree
-
-
-def _shape(x) -> tuple:
-    return tuple(getattr(x, "shape", np.shape(x)))
-
-
-def _fmt_path(tokens) -> str:
-    return "/".join(tokens)
-
-
-def _mismatch_error(header, missing, unexpected, mismatched):
-    lines = []
-    for name, shape in missing:
-        lines.append(f"missing: {name} (shape {shape})")
-    for name, shape in unexpected:
-        lines.append(f"unexpected: {name} (shape {shape})")
-    for src, dst, src_shape, conv_shape, want in mismatched:
-        conv = f" -> {conv_shape}" if conv_shape != src_shape else ""
-        lines.append(f"shape mismatch: {src} {src_shape}{conv} vs {dst} "
-                     f"expected {want}")
-    n = len(lines)
-    return CheckpointMismatchError(
-        f"{header} ({n} problem{'s' if n != 1 else ''}):\n  "
-        + "\n  ".join(lines), missing, unexpected, mismatched)
-
-
-def _nest(items):
-    """Nested dicts from (tokens, value) pairs, keeping their order."""
-    root = {}
-    for tokens, value in items:
-        node = root
-        for tok in tokens[:-1]:
-            node = node.setdefault(tok, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"{_fmt_path(tokens)} clashes with a leaf of "
-                                 "the same name.")
-        if tokens[-1] in node:
-            raise ValueError(f"Two checkpoint entries map to {_fmt_path(tokens)}.")
-        node[tokens[-1]] = value
-    return root
-
-
-def _state_dict_to_flax(sd: Mapping, like=None):
-    """NumPy state dict -> nested NumPy tree (Flax names and layouts).
-
-    Returns the tree and, for each converted name, the flax path it went to.
-    """
-    if like is None:
-        params, stats, where = [], [], {}
-        for name, arr in sd.items():
-            target = _default_flax_name(name, arr)
-            if target is None:
-                continue
-            coll, path = target
-            (stats if coll == "batch_stats" else params).append(
-                (path, _flax_layout(arr, path[-1])))
-            where[name] = (coll, path)
-        tree = _nest(params)
-        if stats:
-            tree = {"params": tree, "batch_stats": _nest(stats)}
-            return tree, {n: (c,) + p for n, (c, p) in where.items()}
-        return tree, {n: p for n, (_, p) in where.items()}
-
-    variables = _is_variables(like)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
-    tokens = [_path_tokens(p) for p, _ in flat]
-    entries = {i: _flax_entry(t, variables) for i, t in enumerate(tokens)}
-    pairs, t_left, f_left = _match(list(sd), entries)
-    missing = [(_fmt_path(tokens[i]), _shape(flat[i][1])) for i in f_left]
-    unexpected = [(n, _shape(sd[n])) for n in t_left]
-    mismatched = []
-    leaves = [None] * len(flat)
-    for name, i in pairs.items():
-        arr = _flax_layout(sd[name], tokens[i][-1])
-        want = _shape(flat[i][1])
-        if arr.shape != want:
-            mismatched.append((name, _fmt_path(tokens[i]), sd[name].shape,
-                               arr.shape, want))
-        leaves[i] = arr
-    if missing or unexpected or mismatched:
-        header = "The checkpoint does not match `like`"
-        if not variables and any(
-                _torch_entry(n) and _torch_entry(n).coll == "batch_stats"
-                for n, _ in unexpected):
-            header += (" (it has BatchNorm running statistics: pass the full "
-                       "variables {'params': ..., 'batch_stats': ...} as like)")
-        raise _mismatch_error(header, missing, unexpected, mismatched)
-    where = {name: tokens[i] for name, i in pairs.items()}
-    return jax.tree_util.tree_unflatten(treedef, leaves), where
-
-
-def _to_jax(tree_np, device):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree_np)
-    leaves = [_fit_for_jax(a, _fmt_path(_path_tokens(p))) for p, a in flat]
-    tree_np = jax.tree_util.tree_unflatten(treedef, leaves)
-    if device is None:
-        return jax.tree.map(jnp.asarray, tree_np)
-    return jax.device_put(tree_np, device)
-
-
-# ---------------------------------------------------------------------------
-# Public: params
-# ---------------------------------------------------------------------------
-
-
-def params_from_torch(state_dict_or_path: Union[PathLike, Mapping[str, Any], Any],
-                      *, like: Optional[PyTree] = None,
-                      device: Optional[Any] = None) -> PyTree:
-    """Converts a PyTorch state dict or checkpoint file into Flax params.
-
-    Names and layouts follow the usual PyTorch to Flax conventions: dotted
-    names become nested dicts, ``layers.0`` becomes ``layers_0``, a 2-D
-    ``weight`` becomes a transposed ``kernel``, convolution weights go from
-    ``(O, I, *K)`` to ``(*K, I, O)``, norm-layer ``weight`` becomes
-    ``scale``, ``Embedding.weight`` becomes ``embedding``, ``running_mean``
-    and ``running_var`` go to the ``batch_stats`` collection as ``mean`` and
-    ``var``, and ``num_batches_tracked`` is dropped. Legacy ``gamma`` and
-    ``beta`` names are read as ``weight`` and ``bias``.
-
-    With ``like`` (a Flax params pytree, or the variables dict
-    ``{"params": ..., "batch_stats": ...}``, of arrays or
-    ``jax.ShapeDtypeStruct``), the result has exactly the structure of
-    ``like``, and the layout of each leaf is decided by its name in ``like``
-    (only ``kernel`` leaves are transposed). Names are matched first
-    literally, then ignoring ``_N`` vs ``.N``, then also ignoring the
-    ``layers`` level that ``flax.linen.Sequential`` adds. Every leaf must be
-    matched: missing or unexpected names and shape mismatches are all
-    reported in one `CheckpointMismatchError`.
-
-    Without ``like``, conversions are decided from names and shapes alone:
-    a 1-D ``weight`` becomes ``scale`` (``Linear`` weights are never 1-D), a
-    2-D ``weight`` becomes a transposed ``kernel`` unless its module name
-    contains ``emb`` (or is ``wte``/``wpe``), in which case it becomes
-    ``embedding``, and a weight with 3 or more dims becomes a convolution
-    ``kernel``; an index with no name before it (a top-level
-    ``nn.Sequential``) becomes ``layers_N``. The result is the params dict,
-    or ``{"params": ..., "batch_stats": ...}`` when the checkpoint has
-    BatchNorm running statistics. Pass ``like`` whenever the model has
-    embeddings or anything unusual.
-
-    Dtypes are kept (bfloat16 stays bfloat16). When JAX runs without 64-bit
-    mode, int64 tensors become int32 (an error if a value does not fit) and
-    float64 ones float32 (with a warning).
-
-    Args:
-      state_dict_or_path: a mapping of names to ``torch.Tensor`` (on any
-        device, possibly non-contiguous or requiring grad) or NumPy arrays; a
-        ``torch.nn.Module`` (its ``state_dict()``); or a path to a ``.pt``,
-        ``.pth`` or ``.bin`` file written by ``torch.save`` (read with
-        ``torch.load(weights_only=True)``, which never runs code stored in
-        the file) or to a ``.safetensors`` file (read without torch). The
-        format is recognised from the file's contents.
-      like: optional Flax params or variables whose structure and shapes the
-        result must have.
-      device: optional ``jax.Device`` or ``jax.sharding.Sharding`` (or a
-        pytree of them matching the result) to place the arrays on;
-        default: JAX's default device.
-
-    Returns:
-      A pytree of ``jax.Array`` with the structure of ``like`` if given, else
-      a params dict, or a variables dict when there are batch statistics.
-
-    Raises:
-      CheckpointMismatchError: if ``like`` is given and names or shapes do
-        not line up (lists every problem).
-      FileNotFoundError: if the path does not exist.
-      ValueError: if the file is not a checkpoint, holds objects other than
-        tensors, or the state dict is empty.
-      TypeError: if a value in the state dict is not a tensor.
-      ImportError: if a torch file is given and torch is not installed.
-
-    Example:
-      >>> import torch, flax.linen as nn, jax, jax.numpy as jnp
-      >>> from sgld_optax import torch_interop
-      >>> lin = torch.nn.Linear(3, 2)
-      >>> params = torch_interop.params_from_torch(lin.state_dict())
-      >>> params["kernel"].shape
-      (3, 2)
-      >>> like = nn.Dense(2).init(jax.random.key(0), jnp.ones((1, 3)))["params"]
-      >>> params = torch_interop.params_from_torch(lin.state_dict(), like=like)
-    """
-    sd = _source_to_numpy(state_dict_or_path)
-    tree, _ = _state_dict_to_flax(sd, like)
-    return _to_jax(tree, device)
-
-
-class _TorchSpec(NamedTuple):
-    shape: tuple
-    dtype: np.dtype
-    value: Any  # the original tensor or array
-
-
-def _torch_spec(like) -> "collections.OrderedDict[str, _TorchSpec]":
-    if isinstance(like, (str, os.PathLike)):
-        sd = _source_to_numpy(like)
-        return collections.OrderedDict(
-            (n, _TorchSpec(a.shape, a.dtype, a)) for n, a in sd.items())
-    if _is_module(like):
-        like = like.state_dict()
-    if not isinstance(like, Mapping):
-        raise TypeError(
-            "like must be a torch state dict, a torch.nn.Module or a "
-            f"checkpoint path, got {type(like).__name__}.")
-    spec = collections.OrderedDict()
-    for name, v in like.items():
-        if _is_tensor(v):
-            spec[name] = _TorchSpec(tuple(v.shape), _numpy_dtype_of(v), v)
-        elif isinstance(v, (np.ndarray, jax.Array)):
-            spec[name] = _TorchSpec(tuple(v.shape), np.dtype(v.dtype), v)
-        else:
-            raise TypeError(f"like[{name!r}] is a {type(v).__name__}, not a "
-                            "tensor.")
-    return spec
-
-
-def _leaf_to_numpy(x) -> np.ndarray:
-    return np.asarray(jax.device_get(x))
-
-
-def _flax_to_state_dict(params, like=None):
-    """Nested Flax tree -> ordered dict of NumPy arrays in torch layout."""
-    variables = _is_variables(params)
-    items = list(_ordered_leaves(params))
-    if not items:
-        raise ValueError("params has no leaves.")
-    if like is None:
-        out, seen_mods = collections.OrderedDict(), []
-        bn_mods = []
-        for tokens, leaf in items:
-            e = _flax_entry(tokens, variables)
-            if e.coll not in ("params", "batch_stats") or not e.leaf:
-                raise ValueError(
-                    f"Cannot name {_fmt_path(tokens)} in torch without a "
-                    "template; pass like=.")
-            flax_leaf = tokens[-1]
-            name = ".".join(_split_indices(e.mods) + (e.leaf,))
-            if e.coll == "batch_stats" and e.mods not in bn_mods:
-                bn_mods.append(e.mods)
-            if name in out:
-                raise ValueError(f"Two leaves map to the torch name {name!r}.")
-            out[name] = _torch_layout(_leaf_to_numpy(leaf), flax_leaf)
-            if e.mods not in seen_mods:
-                seen_mods.append(e.mods)
-        for mods in bn_mods:
-            name = ".".join(_split_indices(mods) + ("num_batches_tracked",))
-            out[name] = np.array(0, np.int64)
-        # Keep each module's entries together, modules in first-seen order.
-        order = {_split_indices(m): i for i, m in enumerate(seen_mods)}
-        rank = {"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3,
-                "num_batches_tracked": 4}
-        keys = sorted(out, key=lambda n: (
-            order.get(tuple(n.split(".")[:-1]), len(order)),
-            rank.get(n.split(".")[-1], 5)))
-        return collections.OrderedDict((k, out[k]) for k in keys)
-
-    spec = _torch_spec(like)
-    entries = {tokens: _flax_entry(tokens, variables) for tokens, _ in items}
-    leaf_of = dict(items)
-    pairs, t_left, f_left = _match(list(spec), entries)
-    missing = [(n, spec[n].shape) for n in t_left]
-    unexpected = [(_fmt_path(t), _shape(leaf_of[t])) for t in f_left]
-    converted, mismatched = {}, []
-    for name, tokens in pairs.items():
-        arr = _leaf_to_numpy(leaf_of[tokens])
-        t_arr = _torch_layout(arr, tokens[-1])
-        if t_arr.shape != spec[name].shape:
-            mismatched.append((_fmt_path(tokens), name, arr.shape,
-                               t_arr.shape, spec[name].shape))
-        converted[name] = t_arr
-    if missing or unexpected or mismatched:
-        raise _mismatch_error("params do not match the torch state dict `like`",
-                              missing, unexpected, mismatched)
-    out = collections.OrderedDict()
-    for name, s in spec.items():
-        if name in converted:
-            arr = converted[name]
-            if arr.dtype != s.dtype:
-                arr = arr.astype(s.dtype)
-            out[name] = np.asarray(arr, order="C")
-        else:  # num_batches_tracked: carried over from the template
-            v = s.value
-            out[name] = (_tensor_to_numpy(v, name) if _is_tensor(v)
-                         else np.array(v, copy=True))
-    return out
-
-
-def params_to_torch(params: PyTree, *,
-                    like: Union[PathLike, Mapping[str, Any], Any, None] = None
-                    ) -> "dict[str, Any]":
-    """Converts Flax params back into a PyTorch state dict.
-
-    The exact inverse of `params_from_torch`: with ``like`` (the torch
-    module, its state dict, or a checkpoint path) the result has the same
-    names, order, shapes and dtypes as ``like``, so
-    ``module.load_state_dict(result, strict=True)`` accepts it, and a round
-    trip torch -> JAX -> torch is bitwise identical. ``num_batches_tracked``
-    buffers, which the Flax side does not keep, are copied from ``like``.
-
-    Without ``like``, names are rebuilt by inverting the naming rules
-    (``layers_0`` -> ``layers.0``, ``kernel``/``scale``/``embedding`` ->
-    ``weight``, ``batch_stats`` ``mean``/``var`` -> ``running_mean``/
-    ``running_var``, with a ``num_batches_tracked`` of 0 added next to
-    them), and dtypes are those of ``params``.
-
-    Args:
-      params: Flax params, or variables ``{"params": ..., "batch_stats":
-        ...}``, of JAX or NumPy arrays.
-      like: optional ``torch.nn.Module``, torch state dict, or checkpoint
-        path giving the target names, shapes and dtypes.
-
-    Returns:
-      An ordered ``dict`` of names to contiguous CPU ``torch.Tensor``.
-
-    Raises:
-      CheckpointMismatchError: if ``like`` is given and names or shapes do
-        not line up (lists every problem).
-      ImportError: if torch is not installed.
-
-    Example:
-      >>> import torch
-      >>> from sgld_optax import torch_interop
-      >>> lin = torch.nn.Linear(3, 2)
-      >>> params = torch_interop.params_from_torch(lin)
-      >>> lin.load_state_dict(torch_interop.params_to_torch(params, like=lin))
-      <All keys matched successfully>
-    """
-    _require_torch("params_to_torch")
-    sd = _flax_to_state_dict(params, like)
-    return collections.OrderedDict(
-        (name, _numpy_to_tensor(arr)) for name, arr in sd.items())
-
-
-def save_torch_checkpoint(params: PyTree, path: PathLike, *,
-                          like: Union[PathLike, Mapping[str, Any], Any, None] = None
-                          ) -> Path:
-    """Writes Flax params as a PyTorch checkpoint file.
-
-    Names and layouts are those of `params_to_torch`. A path ending in
-    ``.safetensors`` is written with the ``safetensors`` package and does not
-    need torch; ``.pt``, ``.pth``, ``.bin`` and ``.ckpt`` are written with
-    ``torch.save``. The file is written to a temporary name first and moved
-    into place, so a failure never leaves a partial checkpoint.
-
-    Args:
-      params: Flax params or variables.
-      path: destination file.
-      like: optional ``torch.nn.Module``, torch state dict or checkpoint path
-        giving the target names, shapes and dtypes.
-
-    Returns:
-      The path written, as a ``pathlib.Path``.
-
-    Raises:
-      ValueError: for an unknown file extension.
-      CheckpointMismatchError: if ``like`` does not line up with ``params``.
-      ImportError: when writing a torch file without torch installed.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from sgld_optax import torch_interop
-      >>> params = {"fc": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
-      >>> import os, tempfile
-      >>> path = os.path.join(tempfile.mkdtemp(), "fc.safetensors")
-      >>> torch_interop.save_torch_checkpoint(params, path).name
-      'fc.safetensors'
-    """
-    path = Path(os.fspath(path))
-    suffix = path.suffix.lower()
-    if suffix != _SAFETENSORS_SUFFIX and suffix not in _TORCH_SUFFIXES:
-        raise ValueError(
-            f"Cannot tell the format of {os.fspath(path)!r}: use a "
-            f".safetensors or {'/'.join(_TORCH_SUFFIXES)} extension.")
-    if suffix != _SAFETENSORS_SUFFIX:
-        torch = _require_torch(f"Writing {path.name}")
-    sd = _flax_to_state_dict(params, like)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                               suffix=".tmp")
-    os.close(fd)
-    try:
-        if suffix == _SAFETENSORS_SUFFIX:
-            from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
-            st_numpy.save_file(dict(sd), tmp, metadata={"format": "pt"})
-        else:
-            torch.save(collections.OrderedDict(
-                (n, _numpy_to_tensor(a)) for n, a in sd.items()), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 # ---------------------------------------------------------------------------
@@ -1205,39 +361,52 @@ def _replace_sampler_state(opt_state, new):
                                   opt_state, is_leaf=is_sampler_state)
 
 
-def _param_names(module, names):
-    """Torch parameter names in optimizer order, from ``module`` or ``names``."""
+class _Names(NamedTuple):
+    """The torch parameters a devinterp optimizer holds, in its order."""
+
+    names: Optional[list]    # None: not given
+    named: Optional[dict]    # name -> tensor, when a module gave them
+    kinds: Optional[dict]    # name -> module kind, when a torch module gave them
+
+
+def _param_names(module, names) -> _Names:
+    """Torch parameter names in optimizer order, from `module` or `names`."""
     if names is not None:
         if module is not None:
             raise TypeError("Pass module= or names=, not both.")
         if isinstance(names, str) or not all(isinstance(n, str) for n in names):
             raise TypeError("names must be a sequence of parameter names.")
-        return list(names), None
+        return _Names(list(names), None, None)
     if module is None:
-        return None, None
+        return _Names(None, None, None)
+    kinds = None
     if _is_module(module):
         named = list(module.named_parameters())
+        kinds = _module_kinds(module, [n for n, _ in named])
     elif isinstance(module, Mapping):
         named = list(module.items())
     else:
         raise TypeError("module must be a torch.nn.Module or a mapping of "
                         f"parameter names to tensors, got {type(module).__name__}.")
-    return [n for n, _ in named], {n: t for n, t in named}
+    return _Names([n for n, _ in named], {n: t for n, t in named}, kinds)
 
 
-def _pair_params(params, names):
+def _pair_params(params, names, kinds=None):
     """Matches torch parameter names to the leaves of a Flax params tree.
 
-    Returns ``(pairs, flat, tokens)``: ``pairs`` lists ``(name, leaf
-    index)`` in ``names`` order (``None`` for a single leaf and no names);
-    ``flat`` is ``tree_flatten_with_path(params)[0]``; ``tokens`` the leaves'
-    path tokens.
+    Returns `(pairs, flat, tokens)`: `pairs` lists `(name, leaf index,
+    layout)` in `names` order, the layout decided as in `params_from_torch`
+    (by `kinds`, the module types, when given); a single leaf and no names
+    make one pair named `"<param>"`. `flat` is
+    `tree_flatten_with_path(params)[0]`; `tokens` the leaves' path tokens.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     tokens = [_path_tokens(p) for p, _ in flat]
     if names is None:
         if len(flat) == 1:
-            return None, flat, tokens
+            layout = _default_layout(tokens[0][-1], len(_shape(flat[0][1])),
+                                     None)
+            return [("<param>", 0, layout)], flat, tokens
         raise TypeError(
             "The params have several leaves: pass module= (the torch module "
             "whose parameters() the devinterp optimizer was built on) or "
@@ -1252,7 +421,22 @@ def _pair_params(params, names):
             "The torch parameters do not match the params",
             [(n, "?") for n in t_left],
             [(_fmt_path(tokens[i]), _shape(flat[i][1])) for i in f_left], [])
-    return [(n, pairs[n]) for n in names], flat, tokens
+    kinds = kinds or {}
+    out, undecided = [], []
+    for n in names:
+        i = pairs[n]
+        layout = _default_layout(tokens[i][-1], len(_shape(flat[i][1])),
+                                 kinds.get(n))
+        if isinstance(layout, str):
+            undecided.append(
+                f"layout undecided: {n} -> {_fmt_path(tokens[i])}: {layout}; "
+                "pass names= instead of module= to read it as an nn.Linear "
+                "weight")
+        out.append((n, i, layout))
+    if undecided:
+        raise _mismatch_error("The torch parameters do not match the params",
+                              other=undecided)
+    return out, flat, tokens
 
 
 def _torch_value(t, name) -> np.ndarray:
@@ -1364,7 +548,7 @@ def sgld_state_from_torch(
       CheckpointMismatchError: if tensor names or shapes do not line up.
       TypeError: if the pairing of parameters cannot be decided.
 
-    Example:
+    Examples:
       >>> import torch, warnings
       >>> import sgld_optax as so
       >>> from sgld_optax import torch_interop
@@ -1394,16 +578,14 @@ def sgld_state_from_torch(
     _check_translatable(hp)
     _check_groups(di, hp, count)
 
-    names, _ = _param_names(module, names)
+    names, _, kinds = _param_names(module, names)
     if names is not None and len(names) != len(indices):
         raise ValueError(f"The optimizer has {len(indices)} parameters but "
                          f"{len(names)} names were given.")
-    pairs, flat, tokens = _pair_params(params, names)
-    if pairs is None:
-        if len(indices) != 1:
-            raise ValueError(f"The optimizer has {len(indices)} parameters, the "
-                             "params one leaf.")
-        pairs = [("<param>", 0)]
+    pairs, flat, tokens = _pair_params(params, names, kinds)
+    if names is None and len(indices) != 1:
+        raise ValueError(f"The optimizer has {len(indices)} parameters, the "
+                         "params one leaf.")
     treedef = jax.tree_util.tree_structure(params)
     sd_state = sd["state"]
 
@@ -1412,14 +594,15 @@ def sgld_state_from_torch(
         Flax layout and the dtype of ``like_leaves``; None where absent."""
         out = [None] * len(flat)
         missing, mismatched = [], []
-        for (name, leaf_i), idx, (gi, j) in zip(pairs, indices, positions):
+        for (name, leaf_i, layout), idx, (gi, j) in zip(pairs, indices,
+                                                        positions):
             src = get(sd_state.get(idx, {}), di.groups[gi], j, name)
             like = like_leaves[leaf_i]
             if src is None:
                 if required:
                     missing.append((name, _shape(like)))
                 continue
-            arr = _flax_layout(src, tokens[leaf_i][-1])
+            arr = layout._to_flax(src)[0]  # pylint: disable=protected-access
             if arr.shape != _shape(like):
                 mismatched.append((name, _fmt_path(tokens[leaf_i]), src.shape,
                                    arr.shape, _shape(like)))
@@ -1489,15 +672,14 @@ def _metrics_from_devinterp(group_metrics):
     return Metrics(**out)
 
 
-def _tree_to_torch(tree, names, named, what, dtype=None) -> list:
-    """The leaves of a Flax tree as torch tensors in ``names`` order and
-    torch layout, with the dtypes of ``named`` (or ``dtype``)."""
-    pairs, flat, tokens = _pair_params(tree, names)
-    if pairs is None:
-        pairs = [("<param>", 0)]
+def _tree_to_torch(tree, pnames: _Names, what, dtype=None) -> list:
+    """The leaves of a Flax tree as torch tensors in the order and layout of
+    the parameters `pnames`, with their dtypes (or `dtype`)."""
+    named = pnames.named
+    pairs, flat, tokens = _pair_params(tree, pnames.names, pnames.kinds)
     tensors, mismatched = [], []
-    for name, leaf_i in pairs:
-        arr = _torch_layout(_leaf_to_numpy(flat[leaf_i][1]), tokens[leaf_i][-1])
+    for name, leaf_i, layout in pairs:
+        arr = layout._to_torch([_leaf_to_numpy(flat[leaf_i][1])])  # pylint: disable=protected-access
         if named is not None:
             ref = named[name]
             if tuple(ref.shape) != arr.shape:
@@ -1599,7 +781,7 @@ def sgld_state_to_torch(
       ImportError: if torch (or, for metrics or `SGMCMC`, devinterp) is not
         installed.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, torch
       >>> import sgld_optax as so
       >>> from sgld_optax import torch_interop
@@ -1624,7 +806,7 @@ def sgld_state_to_torch(
                          "use target='SGMCMC'.")
     count = int(np.asarray(jax.device_get(st.count)).reshape(-1)[0])
     value = lambda n: _hparam_value(hp[n], count)
-    names, named = _param_names(module, names)
+    pnames = _param_names(module, names)
 
     w0 = st.initial_params
     if target == "SGLD":
@@ -1642,7 +824,7 @@ def sgld_state_to_torch(
                 "bounding box, metrics or sketches); pass params= to use as "
                 f"devinterp's {'initial_param' if target == 'SGLD' else 'w0'}.")
         w0 = params
-    w0_t = _tree_to_torch(w0, names, named, "params") if need_w0 else None
+    w0_t = _tree_to_torch(w0, pnames, "params") if need_w0 else None
     metrics = (_metrics_to_devinterp(st.metrics, torch)
                if st.metrics is not None else None)
 
@@ -1670,18 +852,18 @@ def sgld_state_to_torch(
     except ImportError as err:
         raise ImportError("Exporting to devinterp's SGMCMC needs devinterp "
                           "installed (pip install devinterp).") from err
-    sq_t = (_tree_to_torch(st.square_avg, names, named, "square averages")
+    sq_t = (_tree_to_torch(st.square_avg, pnames, "square averages")
             if sampler == "rmsprop_sgld" else None)
     mask_t = (_tree_to_torch(jax.tree.map(lambda m: np.asarray(m, np.float32),
                                           hp["mask"]),
-                             names, named, "masks", dtype=np.float32)
+                             pnames, "masks", dtype=np.float32)
               if hp["mask"] is not None else None)
     n = next((len(t) for t in (w0_t, sq_t, mask_t) if t is not None), None)
     if n is None:
         if params is not None:
-            n = len(_tree_to_torch(params, names, named, "params"))
-        elif names is not None:
-            n = len(names)
+            n = len(_tree_to_torch(params, pnames, "params"))
+        elif pnames.names is not None:
+            n = len(pnames.names)
         else:
             raise ValueError("Nothing tells how many parameters there are: "
                              "pass module=, names= or params=.")
@@ -1790,22 +972,21 @@ def _devinterp_tables(input_dim: int, output_dim: int, seed: int,
     return idx, sgn
 
 
-def _torch_to_jax_permutation(params, names, named):
-    """``perm`` with ``jax_flat[j] == torch_flat[perm[j]]``.
+def _torch_to_jax_permutation(params, pnames: _Names):
+    """`perm` with `jax_flat[j] == torch_flat[perm[j]]`.
 
-    ``torch_flat`` concatenates the torch parameters in ``names`` order,
-    each flattened in torch layout; ``jax_flat`` concatenates the leaves of
-    ``params`` in ``jax.tree_util`` order, each flattened in Flax layout.
+    `torch_flat` concatenates the torch parameters `pnames` in order, each
+    flattened in torch layout; `jax_flat` concatenates the leaves of
+    `params` in `jax.tree_util` order, each flattened in Flax layout.
     """
-    pairs, flat, tokens = _pair_params(params, names)
-    if pairs is None:
-        pairs = [("<param>", 0)]
+    named = pnames.named
+    pairs, flat, tokens = _pair_params(params, pnames.names, pnames.kinds)
     pieces = [None] * len(flat)
     offset = 0
-    for name, leaf_i in pairs:
+    for name, leaf_i, layout in pairs:
         shape = _shape(flat[leaf_i][1])
-        flax_leaf = tokens[leaf_i][-1]
-        t_shape = _torch_layout(np.empty(shape, np.bool_), flax_leaf).shape
+        # pylint: disable-next=protected-access
+        t_shape = layout._to_torch([np.empty(shape, np.bool_)]).shape
         if named is not None and tuple(named[name].shape) != t_shape:
             raise _mismatch_error(
                 "The params do not match the torch module", [], [],
@@ -1813,7 +994,7 @@ def _torch_to_jax_permutation(params, names, named):
                   tuple(named[name].shape))])
         n = int(np.prod(t_shape, dtype=np.int64))
         t_idx = np.arange(offset, offset + n, dtype=np.int64).reshape(t_shape)
-        pieces[leaf_i] = _flax_layout(t_idx, flax_leaf).reshape(-1)
+        pieces[leaf_i] = layout._to_flax(t_idx)[0].reshape(-1)  # pylint: disable=protected-access
         offset += n
     return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
 
@@ -1861,7 +1042,7 @@ def devinterp_count_sketch(input_dim: int, output_dim: int, seed: int = 0, *,
       TypeError: if ``params`` has several leaves and neither ``module`` nor
         ``names`` is given.
 
-    Example:
+    Examples:
       >>> from sgld_optax import torch_interop
       >>> cs = torch_interop.devinterp_count_sketch(10, 4, seed=0)
       >>> int(cs.hash_indices[1]), int(cs.hash_signs[1])
@@ -1882,10 +1063,10 @@ def devinterp_count_sketch(input_dim: int, output_dim: int, seed: int = 0, *,
         if total != input_dim:
             raise ValueError(f"params hold {total} numbers, input_dim is "
                              f"{input_dim}.")
-        pnames, named = _param_names(module, names)
-        perm = _torch_to_jax_permutation(params, pnames, named)
+        perm = _torch_to_jax_permutation(params, _param_names(module, names))
         idx, sgn = idx[perm], sgn[perm]
     elif module is not None or names is not None:
         raise TypeError("module= and names= need params= to reorder the tables.")
     return CountSketch.from_tables(idx.astype(np.int32), sgn.astype(np.int8),
                                    int(output_dim))
+

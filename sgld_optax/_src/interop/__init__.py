@@ -1,0 +1,1 @@
+"""Moving checkpoints, sampler state and count sketches between PyTorch and JAX."""
