@@ -37,6 +37,7 @@ from scipy import linalg
 from scipy import stats
 
 import sgld_optax as so
+from sgld_optax._src import diagnostics
 from sgld_optax._src.llc import data as llc_data
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -140,6 +141,10 @@ def stationary_llc(precisions, step, friction=None):
     return total
 
 
+# The runs with the noise variance scaled by 1.05 land more than 10% above
+# d / 2 and are flagged as untrustworthy (tests/test_llc_trust.py tests that
+# check).
+@pytest.mark.filterwarnings("ignore:The LLC estimate:RuntimeWarning")
 @pytest.mark.parametrize("sampler, options", [
     ("sgld", {}),
     ("rmsprop_sgld", {"eps": 0.1}),
@@ -225,7 +230,7 @@ _DEVICE_SCRIPT = textwrap.dedent("""
     original = llc._sample_in_memory
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
-        shardings.append(len(out[1].sharding.device_set))  # the losses
+        shardings.append(len(out.losses.sharding.device_set))
         return out
     llc._sample_in_memory = spy
     def loss(w, batch):
@@ -492,18 +497,30 @@ def test_result_fields_and_init_loss():
     assert result.llc_mean == pytest.approx(per_chain.mean(), rel=1e-12)
     assert result.llc_std == pytest.approx(per_chain.std(), rel=1e-12)
     np.testing.assert_allclose(result.llc_trace[:, -1], per_chain, rtol=1e-9)
-    assert result.rhat == so.split_rhat(result.loss_trace)
-    assert result.ess == so.effective_sample_size(result.loss_trace)
-    assert result.metrics is None
+    # The diagnostics are those of the per-draw LLC nbeta (L_t - L_n(w*)).
+    draws = result.nbeta * (result.loss_trace.astype(np.float64)
+                            - result.init_loss)
+    assert result.rhat == pytest.approx(float(so.split_rhat(draws)), rel=1e-6)
+    for kind in ("bulk", "tail"):
+        assert getattr(result, f"ess_{kind}") == pytest.approx(
+            float(so.effective_sample_size(draws, kind=kind)), rel=1e-6)
+    assert result.ess == result.ess_bulk
+    assert result.mcse == pytest.approx(float(diagnostics.mcse_mean(draws)),
+                                        rel=1e-6)
+    assert result.metrics is None and result.mala_acceptance is None
     assert result.diverged.dtype == bool and not result.diverged.any()
+    assert list(result.failures) == ["", "", ""]
+    assert result.num_params == SMALL_W.size
 
 
 def test_huge_step_size_is_flagged():
     with pytest.warns(RuntimeWarning, match=r"3 of 3 chains diverged.*\[0, 1, 2\]"):
         result = small_run(learning_rate=1e3)
-    assert result.diverged.all()
+    assert result.diverged.all() and all(result.failures)
     assert math.isnan(result.llc_mean) and np.isnan(result.llc_per_chain).all()
-    assert "diverged chains: [0, 1, 2]" in result.summary()
+    text = result.summary()
+    for c in range(3):
+        assert f"{c}: {result.failures[c]}" in text
 
 
 def cliff_loss(w, batch):
@@ -530,7 +547,9 @@ def test_some_chains_diverge_and_the_others_count():
                                .mean(1) - result.init_loss)
     assert result.llc_mean == pytest.approx(expected.mean(), rel=1e-12)
     assert result.llc_std == pytest.approx(expected.std(), rel=1e-12)
-    assert result.rhat == so.split_rhat(result.loss_trace[good])
+    draws = result.nbeta * (result.loss_trace[good].astype(np.float64)
+                            - result.init_loss)
+    assert result.rhat == pytest.approx(float(so.split_rhat(draws)), rel=1e-6)
 
 
 def test_burnin_and_thinning_pick_the_right_steps():

@@ -21,6 +21,7 @@ once.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
@@ -32,15 +33,19 @@ import optax
 from sgld_optax._src import base
 from sgld_optax._src.core import step as step_lib
 from sgld_optax._src.samplers import common as common_lib
+from sgld_optax._src.samplers import rmsprop_sgld as rmsprop_sgld_lib
+from sgld_optax._src.samplers import sgld as sgld_lib
 
 
 from sgld_optax._src.llc.result import LLCResult, _summarise
 from sgld_optax._src.llc.loop import (
     _Hyper,
+    _Reference,
     _Static,
     _chain_sharding,
     _progress_bars,
     _progress_lock,
+    _reference_in_memory,
     _resolve_sampler,
     _run_ids,
     _sample_in_memory,
@@ -48,11 +53,13 @@ from sgld_optax._src.llc.loop import (
     _stream_init_loss)
 from sgld_optax._src.llc.data import (
     _check_loss,
+    _nonfinite_rows,
     _is_array_like,
     _is_in_memory,
     _is_one_shot_iterator,
     _leading_size,
-    _to_numpy)
+    _to_numpy,
+    nonfinite_init_loss_error)
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -89,6 +96,7 @@ def estimate_llc(
     num_steps_bw_draws: int = 1,
     batch_size: int = 32,
     save_metrics: bool = False,
+    mala: bool = False,
     progress: bool = True,
 ) -> LLCResult:
     r"""Estimates the local learning coefficient at `params` with a sampler of the family.
@@ -153,7 +161,46 @@ def estimate_llc(
     posterior's curvature (too large inflates the estimate), localization
     must be weak enough not to cut off the flat directions (too strong
     deflates it), and the loss traces should be flat after burn-in. Check
-    `result.plot()` and `result.rhat`.
+    `result.plot()` and the verdict at the end of `result.summary()`.
+
+    **Can it be trusted?** $L_n(w^*)$ is computed first; if it is not
+    finite, nothing is sampled and the error names the rows (in memory) or
+    the batch (from a loader) responsible. During the run, every chain is
+    watched at every step, inside the compiled loop: its first non-finite
+    loss, or first finite loss above the blow-up bound
+
+    $$
+    L_n(w^*) + \frac{100\,(d + 1)}{n\beta} + 10\, s
+    $$
+
+    ($d$ the number of sampled parameters, $s$ the largest deviation of a
+    batch's loss from $L_n(w^*)$ among the batches it was computed from),
+    fails the chain, with the step and the loss in `result.failures`.
+    Failed chains are left out of the estimate and its diagnostics. The
+    result's `checks` then judge the estimate: no failures, an LLC not
+    clearly below 0 or above $d/2$, R-hat below 1.01, bulk and tail ESS of
+    at least 100 per chain, and (with `mala=True`) a mean MALA acceptance of
+    at least 0.5; the docs' "Can I trust this estimate?" page explains each
+    and what to do when one fails.
+
+    **MALA acceptance.** With `mala=True` (for `"sgld"` and
+    `"rmsprop_sgld"`), each draw also records the Metropolis-adjusted
+    Langevin acceptance probability of the step taken from it, as devinterp
+    1.x's `MalaAcceptanceRate` defined it: the step $w_t \to w_{t+1}$ seen
+    as a proposal of MALA for the density $e^{-U}$, with $U(w)$ the tempered
+    minibatch loss $n\beta L_B(w)$ plus the priors' terms (localization,
+    weight decay), and the proposal
+    $N(w - \tfrac{\epsilon}{2} G \nabla U(w),\ \epsilon G)$ in both
+    directions ($G = 1$ for SGLD; RMSprop's
+    preconditioner of the step, held fixed, for `rmsprop_sgld`). Each end is
+    evaluated on the minibatch of the step taken from it: $w_t$ on step
+    $t$'s batch, $w_{t+1}$ on step $t+1$'s, whose loss and gradient that
+    step computes anyway (one extra step is run after the last draw for its
+    end point). Only the sampled (unmasked) elements count; a bounding box
+    and `noise_level` are not part of the proposal. (devinterp 1.x leaves
+    the weight-decay term out of $U$, counts masked elements, records 0 for
+    the first draw's step and has no entry for the last draw's; without
+    weight decay or a mask, its other entries are these.)
 
     Args:
       loss_fn: `loss_fn(params, batch) -> scalar`, the mean loss over a
@@ -197,6 +244,9 @@ def estimate_llc(
       num_steps_bw_draws: steps between consecutive draws.
       batch_size: minibatch size for in-memory `data`.
       save_metrics: record the sampler's `Metrics` at every step.
+      mala: record the MALA acceptance probability of the step taken from
+        each draw (`result.mala_acceptance`); `"sgld"` and
+        `"rmsprop_sgld"` only.
       progress: show a progress bar over draws.
 
     Returns:
@@ -205,14 +255,19 @@ def estimate_llc(
     Raises:
       ValueError: for invalid arguments, naming the argument; for an unknown
         sampler name (listing the valid ones), or a `sampler_kwargs` entry
-        that `estimate_llc` sets itself.
+        that `estimate_llc` sets itself; for `mala=True` with a sampler
+        that carries a momentum (`sghmc`, `sgnht`); when $L_n(w^*)$ is not
+        finite, naming the data (rows or batch) and any non-finite values
+        of `data` and `params`, before sampling.
       TypeError: for arguments of the wrong type, naming the argument; for
         `sampler_kwargs` the sampler does not take, or a factory that does
         not build a sampler of the family.
 
     Warns:
-      RuntimeWarning: when some chains diverge (non-finite loss); they are
-        named and left out of `llc_mean` and `llc_std`.
+      RuntimeWarning: when some chains fail (a non-finite loss or a
+        blow-up); they are named with the reason and left out of
+        `llc_mean` and `llc_std`. Also when the estimate is clearly below 0
+        or above $d/2$, with what to try.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -245,7 +300,7 @@ def estimate_llc(
     num_burnin_steps = _check_int("num_burnin_steps", num_burnin_steps, 0)
     num_steps_bw_draws = _check_int("num_steps_bw_draws", num_steps_bw_draws, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
-    for name, flag in (("save_metrics", save_metrics),
+    for name, flag in (("save_metrics", save_metrics), ("mala", mala),
                        ("progress", progress)):
         if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {flag!r}.")
@@ -322,6 +377,13 @@ def estimate_llc(
             "so.rmsprop_sgld, so.sghmc or so.sgnht (its state must be one of "
             f"theirs), got a state of type {type(check_state).__name__}.")
 
+    if mala and not isinstance(check_state, _LANGEVIN_STATES):
+        raise ValueError(
+            "mala=True needs a first-order (Langevin) sampler, 'sgld' or "
+            "'rmsprop_sgld': the MALA acceptance is that of a Langevin step's "
+            "Gaussian proposal, and the step of this sampler "
+            f"({type(check_state).__name__}) carries a momentum.")
+
     lr_schedule = learning_rate if callable(learning_rate) else None
     f32 = lambda v: np.float32(0.0 if v is None or callable(v) else v)
     hyper = _Hyper(learning_rate=f32(learning_rate), nbeta=f32(nbeta),
@@ -332,6 +394,7 @@ def estimate_llc(
                    sampler_options=traced_options)
     if mask is not None:
         mask = jax.tree.map(jnp.asarray, mask)
+    num_params = _num_sampled(params, mask)
     sharding = _chain_sharding(num_chains)
     static = _Static(
         loss_fn=loss_fn, num_chains=num_chains, num_draws=num_draws,
@@ -341,10 +404,21 @@ def estimate_llc(
         save_metrics=bool(save_metrics),
         progress=bool(progress),
         lr_schedule=lr_schedule, use_box=bounding_box_size is not None,
-        sharding=sharding, sampler=factory, sampler_options=static_options)
+        sharding=sharding, sampler=factory, sampler_options=static_options,
+        mala=bool(mala))
     chain_ids = np.arange(num_chains, dtype=np.int32)
     if sharding is not None:
         chain_ids = jax.device_put(chain_ids, sharding)
+
+    # L_n(w*) first: a non-finite one stops the run before any sampling.
+    if in_memory:
+        init_loss, spread = _in_memory_init_loss(loss_fn, params, data,
+                                                 batch_size)
+    else:
+        init_loss, spread = _stream_init_loss(loss_fn, params, data)
+    reference = _Reference(init_loss=np.float32(init_loss),
+                           spread=np.float32(spread),
+                           num_params=np.float32(num_params))
 
     bar = None
     if progress:
@@ -356,24 +430,56 @@ def estimate_llc(
             if progress:
                 with _progress_lock:
                     _progress_bars[run_id] = bar
-            init_loss, losses, metrics, diverged = _sample_in_memory(
-                static, hyper, mask, params, data, key, chain_ids,
-                np.int32(run_id))
-            init_loss, losses = float(init_loss), np.asarray(losses)
+            out = _sample_in_memory(static, hyper, mask, params, data, key,
+                                    chain_ids, reference, np.int32(run_id))
         else:
-            init_loss = _stream_init_loss(loss_fn, params, data)
-            losses, metrics, diverged = _sample_streamed(
-                static, hyper, mask, params, data, key, chain_ids, bar)
-            losses = np.asarray(losses)
+            out = _sample_streamed(static, hyper, mask, params, data, key,
+                                   chain_ids, reference, bar)
+        out = jax.tree.map(np.asarray, out)
     finally:
         with _progress_lock:
             _progress_bars.pop(run_id, None)
         if bar is not None:
             bar.close()
 
-    if metrics is not None:
-        metrics = jax.tree.map(np.asarray, metrics)
-    return _summarise(losses, np.asarray(diverged), init_loss, float(nbeta),
-                      metrics)
+    return _summarise(out, init_loss=init_loss, nbeta=float(nbeta),
+                      num_params=num_params, spread=spread)
 
 
+# The states of the samplers whose step is a Langevin proposal.
+_LANGEVIN_STATES = (sgld_lib.SGLDState, rmsprop_sgld_lib.RMSpropSGLDState)
+
+
+def _num_sampled(params, mask) -> int:
+    """$d$: the number of sampled parameters (the unmasked ones)."""
+    if mask is None:
+        return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+    return sum(int(np.count_nonzero(np.asarray(m)))
+               for m in jax.tree_util.tree_leaves(mask))
+
+
+def _in_memory_init_loss(loss_fn, params, data, batch_size):
+    """`(L_n(w*), spread)` over in-memory `data`, evaluated `batch_size`
+    examples at a time.
+
+    Raises:
+      ValueError: when $L_n(w^*)$ is not finite, naming the rows of the
+        first chunk whose loss is not, and the non-finite values of `data`
+        and `params`.
+    """
+    mean, spread, first_bad = (float(x) for x in _reference_in_memory(
+        loss_fn, params, data, chunk=batch_size))
+    if math.isfinite(mean):
+        return mean, spread
+    n = _leading_size(data)
+    first_bad = int(first_bad)
+    if first_bad < 0:
+        where = "the data as a whole (the sum of the batch losses overflows)"
+    else:
+        start = first_bad * batch_size
+        stop = min(start + batch_size, n) - 1
+        where = (f"rows {start} to {stop} of data (the first of the batches "
+                 f"of batch_size={batch_size} it was evaluated in whose loss "
+                 "is not finite)")
+    raise nonfinite_init_loss_error(
+        mean, params=params, where=where, data_phrase=_nonfinite_rows(data))

@@ -131,7 +131,16 @@ def shuffled_index(key: jax.Array, positions: jax.Array, n: int) -> jax.Array:
 
 
 def _dataset_loss(loss_fn, params, data, chunk):
-    """Mean of `loss_fn` over all of `data`, evaluated `chunk` at a time."""
+    """Mean of `loss_fn` over all of `data`, evaluated `chunk` at a time.
+
+    Returns:
+      `(mean, spread, first_bad)`: the mean loss over the `n` examples
+      (each weighs once, a short last chunk included), the largest
+      `|chunk loss - mean|` over the chunks (the scale of a minibatch
+      loss's deviation from the mean at these params), and the index of
+      the first chunk whose loss is non-finite (-1 if none), all
+      computed in float32.
+    """
     n = _leading_size(data)
     num_full, rest = divmod(n, chunk)
 
@@ -140,11 +149,82 @@ def _dataset_loss(loss_fn, params, data, chunk):
             lambda x: lax.dynamic_slice_in_dim(x, k * chunk, chunk), data)
         return loss_fn(params, batch).astype(jnp.float32)
 
-    total = jnp.sum(lax.map(chunk_loss, jnp.arange(num_full))) * chunk
+    losses = lax.map(chunk_loss, jnp.arange(num_full))
+    total = jnp.sum(losses) * chunk
     if rest:
         tail = jax.tree.map(lambda x: x[num_full * chunk:], data)
-        total = total + loss_fn(params, tail).astype(jnp.float32) * rest
-    return total / n
+        tail_loss = loss_fn(params, tail).astype(jnp.float32)
+        total = total + tail_loss * rest
+        losses = jnp.concatenate([losses, tail_loss[None]])
+    mean = total / n
+    spread = jnp.max(jnp.abs(losses - mean))
+    bad = ~jnp.isfinite(losses)
+    first_bad = jnp.where(jnp.any(bad), jnp.argmax(bad), -1).astype(jnp.int32)
+    return mean, spread, first_bad
+
+
+def _nonfinite_rows(data, name: str = "data", limit: int = 10) -> str:
+    """Where the floating-point leaves of `data` hold NaN or inf, by row.
+
+    Args:
+      data: a pytree of arrays sharing a leading (example) axis.
+      name: what to call `data` in the message.
+      limit: the most row indices to list per leaf.
+
+    Returns:
+      A phrase such as `"data[0] has non-finite values in rows [3, 17] (2
+      of 300 rows)"`, leaves joined by `"; "`, or `""` when every value
+      is finite.
+    """
+    parts = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(data)[0]:
+        x = np.asarray(_to_numpy(leaf))
+        if x.ndim == 0 or not jnp.issubdtype(x.dtype, jnp.inexact):
+            continue
+        rows = np.flatnonzero(
+            ~np.all(np.isfinite(x.reshape(x.shape[0], -1)), axis=1))
+        if rows.size:
+            shown = rows[:limit].tolist()
+            more = ", ..." if rows.size > limit else ""
+            where = jax.tree_util.keystr(path)
+            parts.append(
+                f"{name}{where} has non-finite values in rows "
+                f"{str(shown)[:-1]}{more}] ({rows.size} of {x.shape[0]} rows)")
+    return "; ".join(parts)
+
+
+def _nonfinite_params(params) -> str:
+    """Which leaves of `params` hold NaN or inf, as a phrase, or `""`."""
+    bad = [jax.tree_util.keystr(path) or "<root>"
+           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+           if not np.all(np.isfinite(np.asarray(leaf, np.float32)))]
+    if not bad:
+        return ""
+    return "params has non-finite values in " + ", ".join(bad)
+
+
+def nonfinite_init_loss_error(init_loss, *, params, where: str,
+                              data_phrase: str) -> ValueError:
+    """The error for a non-finite $L_n(w^*)$, naming what made it so.
+
+    Args:
+      init_loss: the non-finite value.
+      params: $w^*$, checked for non-finite values.
+      where: the part of the data whose loss is non-finite, such as
+        `"rows 64 to 95"` or `"batch 3 of data"`.
+      data_phrase: what `_nonfinite_rows` found in that data, or `""`.
+    """
+    causes = [c for c in (_nonfinite_params(params), data_phrase) if c]
+    if causes:
+        cause = "; ".join(causes) + "."
+    else:
+        cause = ("the data and params are finite, so loss_fn itself gives a "
+                 "non-finite value there (a log of 0, a division by 0 or an "
+                 "overflow).")
+    return ValueError(
+        f"L_n(w*), the mean loss over the data at params, is {init_loss}: "
+        f"the loss on {where} is not finite, and {cause} Nothing was "
+        "sampled: fix or remove these examples (or params) first.")
 
 
 def _batches(data) -> Iterable:
