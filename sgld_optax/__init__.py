@@ -4,6 +4,8 @@ from sgld_optax._src.core.terms import GaussianPrior
 from sgld_optax._src.diagnostics import effective_sample_size
 from sgld_optax._src.diagnostics import mcse_mean
 from sgld_optax._src.diagnostics import split_rhat
+from sgld_optax._src.llc.calibrate import CalibrationResult
+from sgld_optax._src.llc.calibrate import calibrate_llc
 from sgld_optax._src.llc.result import LLCResult
 from sgld_optax._src.llc.api import estimate_llc
 from sgld_optax._src.metrics import Metrics
@@ -28,6 +30,7 @@ from sgld_optax._src.theory import regular_learning_coefficient
 __version__ = "0.1.0"
 
 __all__ = (
+    "CalibrationResult",
     "CountSketch",
     "GaussianPrior",
     "LLCResult",
@@ -39,6 +42,7 @@ __all__ = (
     "SGNHTState",
     "SketchBuffer",
     "aoyagi_learning_coefficient",
+    "calibrate_llc",
     "default_nbeta",
     "effective_sample_size",
     "estimate_llc",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.flatten_util
@@ -293,6 +293,46 @@ def estimate_llc(
       Furman & Lau, "Estimating the local learning coefficient at scale",
       2024, arXiv:2402.03698.
     """
+    run = _prepare(
+        loss_fn, params, data, key=key, sampler=sampler,
+        sampler_kwargs=sampler_kwargs, learning_rate=learning_rate,
+        nbeta=nbeta, localization=localization, weight_decay=weight_decay,
+        noise_level=noise_level, bounding_box_size=bounding_box_size,
+        mask=mask, num_chains=num_chains, num_draws=num_draws,
+        num_burnin_steps=num_burnin_steps,
+        num_steps_bw_draws=num_steps_bw_draws, batch_size=batch_size,
+        save_metrics=save_metrics, mala=mala, progress=progress)
+    return _summarise(_execute(run), init_loss=run.init_loss,
+                      nbeta=run.nbeta, num_params=run.num_params,
+                      spread=run.spread)
+
+
+class _Run(NamedTuple):
+    """A checked, ready-to-run estimate: what `_execute` needs."""
+
+    static: Any
+    hyper: Any
+    mask: Any
+    params: Any
+    data: Any
+    key: Any
+    chain_ids: Any
+    reference: Any
+    in_memory: bool
+    nbeta: float
+    num_params: int
+    init_loss: float
+    spread: float
+
+
+def _prepare(loss_fn, params, data, *, key, sampler, sampler_kwargs,
+             learning_rate, nbeta, localization, weight_decay, noise_level,
+             bounding_box_size, mask, num_chains, num_draws,
+             num_burnin_steps, num_steps_bw_draws, batch_size, save_metrics,
+             mala, progress) -> _Run:
+    """Checks the arguments of `estimate_llc` (naming the argument at
+    fault), computes $L_n(w^*)$ and builds the compiled loop's static and
+    traced configuration."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {loss_fn!r}.")
     num_chains = _check_int("num_chains", num_chains, 1)
@@ -420,6 +460,17 @@ def estimate_llc(
                            spread=np.float32(spread),
                            num_params=np.float32(num_params))
 
+    return _Run(static=static, hyper=hyper, mask=mask, params=params,
+                data=data, key=key, chain_ids=chain_ids, reference=reference,
+                in_memory=in_memory, nbeta=float(nbeta),
+                num_params=num_params, init_loss=init_loss, spread=spread)
+
+
+def _execute(run: _Run):
+    """Samples every chain of `run`; returns its `loop._Outputs` on the host."""
+    (static, hyper, mask, params, data, key, chain_ids, reference,
+     in_memory) = run[:9]
+    progress, num_draws = static.progress, static.num_draws
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -442,8 +493,9 @@ def estimate_llc(
         if bar is not None:
             bar.close()
 
-    return _summarise(out, init_loss=init_loss, nbeta=float(nbeta),
-                      num_params=num_params, spread=spread)
+    return out
+
+
 
 
 # The states of the samplers whose step is a Langevin proposal.
