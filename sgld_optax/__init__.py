@@ -7,6 +7,8 @@ from sgld_optax._src.diagnostics import split_rhat
 from sgld_optax._src.llc.calibrate import CalibrationResult
 from sgld_optax._src.llc.calibrate import calibrate_llc
 from sgld_optax._src.llc.result import LLCResult
+from sgld_optax._src.llc.series import LLCSeriesResult
+from sgld_optax._src.llc.series import estimate_llc_series
 from sgld_optax._src.llc.api import estimate_llc
 from sgld_optax._src.metrics import Metrics
 from sgld_optax._src.samplers.common import default_nbeta
@@ -34,6 +36,7 @@ __all__ = (
     "CountSketch",
     "GaussianPrior",
     "LLCResult",
+    "LLCSeriesResult",
     "LearningCoefficient",
     "Metrics",
     "RMSpropSGLDState",
@@ -46,6 +49,7 @@ __all__ = (
     "default_nbeta",
     "effective_sample_size",
     "estimate_llc",
+    "estimate_llc_series",
     "get_metrics",
     "get_sketches",
     "mcse_mean",

@@ -1,0 +1,134 @@
+"""Tests for the LLC over a checkpoint series (`_src/llc/series.py`)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sgld_optax as so
+from sgld_optax import torch_interop
+from sgld_optax._src.llc import series as series_lib
+
+# The fake training run's early checkpoints are not minima of the loss, and
+# their estimates are flagged as untrustworthy: that is not under test here.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The LLC estimate .* is not to be trusted:RuntimeWarning")
+
+KWARGS = dict(learning_rate=1e-4, nbeta=20.0, localization=10.0,
+              num_chains=2, num_draws=40, num_burnin_steps=3, batch_size=32,
+              key=3)
+
+
+def _problem(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(192, 3)).astype(np.float32)
+    y = (x @ rng.normal(size=(3, 2)) + 0.1 * rng.normal(size=(192, 2))
+         ).astype(np.float32)
+    return x, y
+
+
+def _loss(params, batch):
+    x, y = batch
+    h = x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+    return jnp.mean((h - y) ** 2)
+
+
+def _checkpoints(count, seed=1):
+    """A fake training run: params moving towards the least squares fit."""
+    rng = np.random.default_rng(seed)
+    end = rng.normal(size=(3, 2)).astype(np.float32)
+    return [{"Dense_0": {"kernel": jnp.asarray(end * (k + 1) / count),
+                         "bias": jnp.full((2,), 0.1 * k, jnp.float32)}}
+            for k in range(count)]
+
+
+def test_each_checkpoint_is_the_single_estimate_with_the_same_key():
+    """Grouped and padded (5 checkpoints in groups of 2), every checkpoint's
+    chains are those estimate_llc samples there."""
+    data = _problem()
+    cks = _checkpoints(5)
+    series = so.estimate_llc_series(_loss, cks, data, group_size=2,
+                                    steps=[10, 20, 30, 40, 50], **KWARGS)
+    np.testing.assert_array_equal(series.steps, [10, 20, 30, 40, 50])
+    for ck, result in zip(cks, series.results):
+        single = so.estimate_llc(_loss, ck, data, progress=False, **KWARGS)
+        np.testing.assert_allclose(result.loss_trace, single.loss_trace,
+                                   rtol=2e-5, atol=1e-7)
+        assert result.init_loss == pytest.approx(single.init_loss, rel=1e-6)
+    np.testing.assert_allclose(
+        series.llc_mean, [r.llc_mean for r in series.results])
+    np.testing.assert_allclose(
+        series.init_loss, [r.init_loss for r in series.results])
+
+
+def test_one_program_per_group_size():
+    data = _problem(seed=2)
+    cks = _checkpoints(5, seed=3)
+    kwargs = dict(KWARGS, num_draws=37)  # a program no other test compiles
+    before = series_lib._series._cache_size()
+    so.estimate_llc_series(_loss, cks, data, group_size=2, **kwargs)
+    assert series_lib._series._cache_size() == before + 1
+    so.estimate_llc_series(_loss, cks[::-1], data, group_size=2, **kwargs)
+    assert series_lib._series._cache_size() == before + 1
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_checkpoint_files(tmp_path, suffix):
+    """Files are read with params_from_torch(like=...); the estimates are
+    those of the pytrees they hold."""
+    pytest.importorskip("torch")
+    data = _problem(seed=4)
+    cks = _checkpoints(3, seed=5)
+    paths = []
+    for k, ck in enumerate(cks):
+        paths.append(torch_interop.save_torch_checkpoint(
+            ck, tmp_path / f"step{k}{suffix}"))
+    from_files = so.estimate_llc_series(_loss, paths, data, like=cks[0],
+                                        **KWARGS)
+    from_trees = so.estimate_llc_series(_loss, cks, data, **KWARGS)
+    np.testing.assert_array_equal(from_files.llc_mean, from_trees.llc_mean)
+
+
+def test_a_loader_runs_the_checkpoints_one_after_another():
+    x, y = _problem(seed=6)
+
+    class Loader:
+        def __iter__(self):
+            return iter([(x[i:i + 32], y[i:i + 32])
+                         for i in range(0, 192, 32)])
+
+    cks = _checkpoints(2, seed=7)
+    kwargs = {k: v for k, v in KWARGS.items() if k != "batch_size"}
+    series = so.estimate_llc_series(_loss, cks, Loader(), **kwargs)
+    for ck, result in zip(cks, series.results):
+        single = so.estimate_llc(_loss, ck, Loader(), progress=False,
+                                 **kwargs)
+        np.testing.assert_allclose(result.loss_trace, single.loss_trace,
+                                   rtol=1e-6)
+
+
+def test_plot(tmp_path):
+    data = _problem(seed=8)
+    series = so.estimate_llc_series(_loss, _checkpoints(3, seed=9), data,
+                                    **KWARGS)
+    fig = series.plot(tmp_path / "series.png")
+    assert (tmp_path / "series.png").stat().st_size > 0
+    assert fig.axes[1].get_xlabel() == "training step"
+
+
+def test_bad_arguments(tmp_path):
+    data = _problem()
+    cks = _checkpoints(2)
+    with pytest.raises(ValueError, match="steps"):
+        so.estimate_llc_series(_loss, cks, data, steps=[1, 2, 3], **KWARGS)
+    other = {"Dense_0": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}}
+    with pytest.raises(ValueError, match=r"checkpoints\[1\]"):
+        so.estimate_llc_series(_loss, [cks[0], other], data, **KWARGS)
+    with pytest.raises(ValueError, match="orbax"):
+        so.estimate_llc_series(_loss, [tmp_path], data, like=cks[0],
+                               **KWARGS)
+    with pytest.raises(TypeError, match="like="):
+        so.estimate_llc_series(_loss, [tmp_path / "a.pt"], data, **KWARGS)
+    with pytest.raises(TypeError, match="non-empty list"):
+        so.estimate_llc_series(_loss, [], data, **KWARGS)
+    with pytest.raises(ValueError, match="group_size"):
+        so.estimate_llc_series(_loss, cks, data, group_size=0, **KWARGS)
