@@ -1,14 +1,15 @@
-"""A calibration grid in one program against the estimate_llc calls it replaces.
+"""Sweeps in one program against the estimate_llc calls they replace.
 
-    python benchmarks/calibrate.py              # 8 x 8 grid, 4 chains x 500 draws
-    python benchmarks/calibrate.py --quick      # seconds, a small grid
+    python benchmarks/calibrate.py              # 8 x 8 grid, 8 checkpoints
+    python benchmarks/calibrate.py --quick      # seconds, small sizes
 
-On the LLC benchmark's MLP (``bench_lib.llc_problem``), times
-``so.calibrate_llc`` over an 8 x 8 grid of learning rates and nbetas (4
-chains x 500 draws per point) against one warm ``so.estimate_llc`` call per
-grid point, in the same process: each side is run once to compile, then
-timed (median of ``--repeats`` runs). Prints a table with the ratio and the
-machine; no figures are written.
+On the LLC benchmark's MLP (``bench_lib.llc_problem``), times, against one
+warm ``so.estimate_llc`` call per point, in the same process:
+``so.calibrate_llc`` over an 8 x 8 grid of learning rates and nbetas, and
+``so.estimate_llc_series`` over 8 checkpoints (the teacher's weights
+scaled), each 4 chains x 500 draws per point. Each side is run once to
+compile, then timed (median of ``--repeats`` runs). Prints a table with the
+ratios and the machine; no figures are written.
 """
 
 from __future__ import annotations
@@ -60,10 +61,26 @@ def main(argv=None):
                                 nbeta=nb, localization=bl.LLC_LOCALIZATION,
                                 progress=False, **common)
 
+    num_ck = 2 if args.quick else 8
+    checkpoints = [[{k: jnp.asarray(v) * (0.8 + 0.2 * c / num_ck)
+                     for k, v in layer.items()} for layer in layers]
+                   for c in range(num_ck)]
+    single = dict(learning_rate=bl.LLC_LR, nbeta=so.default_nbeta(batch),
+                  localization=bl.LLC_LOCALIZATION, **common)
+
+    def series():
+        so.estimate_llc_series(bl.mlp_loss, checkpoints, data, **single)
+
+    def series_calls():
+        for ck in checkpoints:
+            so.estimate_llc(bl.mlp_loss, ck, data, progress=False, **single)
+
     import warnings
     warnings.simplefilter("ignore", RuntimeWarning)  # failed chains: expected
     times = {}
-    for name, fn in (("calibrate_llc", grid), ("estimate_llc calls", calls)):
+    for name, fn in (("calibrate_llc", grid), ("estimate_llc calls", calls),
+                     ("estimate_llc_series", series),
+                     ("checkpoint calls", series_calls)):
         bl.log(f"{name}: compiling")
         fn()
         samples = []
@@ -75,6 +92,7 @@ def main(argv=None):
         bl.log(f"{name}: {times[name]:.2f} s")
 
     ratio = times["estimate_llc calls"] / times["calibrate_llc"]
+    ratio_series = times["checkpoint calls"] / times["estimate_llc_series"]
     print(f"\nMLP {'-'.join(map(str, bl.LLC_WIDTHS))} "
           f"({bl.llc_num_params():,} params), {n} points, batch {batch}; "
           f"{num_lr} x {num_nb} grid, {chains} chains x {draws} draws; "
@@ -86,7 +104,12 @@ def main(argv=None):
         [("`so.calibrate_llc`, one program", f"{times['calibrate_llc']:.2f}"),
          (f"{num_lr * num_nb} warm `so.estimate_llc` calls",
           f"{times['estimate_llc calls']:.2f}"),
-         ("speedup", f"**{ratio:.1f}x**")]))
+         ("speedup", f"**{ratio:.1f}x**"),
+         (f"`so.estimate_llc_series`, {num_ck} checkpoints",
+          f"{times['estimate_llc_series']:.2f}"),
+         (f"{num_ck} warm `so.estimate_llc` calls",
+          f"{times['checkpoint calls']:.2f}"),
+         ("speedup", f"**{ratio_series:.1f}x**")]))
     return times
 
 

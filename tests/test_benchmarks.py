@@ -269,3 +269,12 @@ def test_cold_llc_with_a_persistent_compilation_cache():
                                                batch=32)
     assert seconds > 0.0
     assert entries >= 1  # the sampling program was written to the cache
+
+
+def test_sweep_benchmark_runs_quick():
+    """benchmarks/calibrate.py --quick times both sweeps and their calls."""
+    calibrate = load_benchmark("calibrate")
+    times = calibrate.main(["--quick", "--repeats", "1"])
+    assert set(times) == {"calibrate_llc", "estimate_llc calls",
+                          "estimate_llc_series", "checkpoint calls"}
+    assert all(t > 0 for t in times.values())

@@ -45,6 +45,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
+from jax.typing import ArrayLike
 
 __all__ = ["split_rhat", "effective_sample_size", "mcse_mean"]
 
@@ -173,7 +174,7 @@ def _diagnostics(x: jax.Array) -> jax.Array:
 _RHAT, _ESS_INDEX, _MCSE = 0, {"bulk": 1, "tail": 2, "mean": 3}, 4
 
 
-def split_rhat(trace) -> jax.Array:
+def split_rhat(trace: ArrayLike) -> jax.Array:
     r"""Rank-normalised split $\hat R$: the larger of the bulk and tail values.
 
     Each of the $M$ chains of $D$ draws is cut into two halves of $N =
@@ -215,7 +216,7 @@ def split_rhat(trace) -> jax.Array:
       ValueError: if the trace has more than two axes (use `jax.vmap` over
         extra leading axes).
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> x = np.random.default_rng(0).normal(size=(4, 1000))
       >>> round(float(split_rhat(x)), 2)
@@ -235,7 +236,7 @@ def split_rhat(trace) -> jax.Array:
     return _diagnostics(x)[_RHAT]
 
 
-def effective_sample_size(trace, kind: str = "bulk") -> jax.Array:
+def effective_sample_size(trace: ArrayLike, kind: str = "bulk") -> jax.Array:
     r"""Effective sample size of a trace, by Geyer's initial monotone sequence.
 
     The $M$ chains of $D$ draws are split in halves as in `split_rhat`,
@@ -293,7 +294,7 @@ def effective_sample_size(trace, kind: str = "bulk") -> jax.Array:
     Raises:
       ValueError: if `kind` is unknown or the trace has more than two axes.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> x = np.random.default_rng(0).normal(size=(4, 1000))
       >>> 3500 < float(effective_sample_size(x)) < 4500
@@ -319,7 +320,7 @@ def effective_sample_size(trace, kind: str = "bulk") -> jax.Array:
     return _diagnostics(x)[_ESS_INDEX[kind]]
 
 
-def mcse_mean(trace) -> jax.Array:
+def mcse_mean(trace: ArrayLike) -> jax.Array:
     r"""Monte Carlo standard error of the mean of a trace.
 
     $$
@@ -345,7 +346,7 @@ def mcse_mean(trace) -> jax.Array:
     Raises:
       ValueError: if the trace has more than two axes.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> x = np.random.default_rng(0).normal(size=(4, 1000))
       >>> 0.014 < float(mcse_mean(x)) < 0.018  # about 1 / sqrt(4000)

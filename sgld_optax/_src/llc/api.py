@@ -269,7 +269,7 @@ def estimate_llc(
         `llc_mean` and `llc_std`. Also when the estimate is clearly below 0
         or above $d/2$, with what to try.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> import sgld_optax as so
       >>> x = jax.random.normal(jax.random.key(0), (1000, 3))

@@ -91,7 +91,7 @@ def to_arviz(result, *, include_failed: bool = False):
       ImportError: when ArviZ is not installed.
       ValueError: when every chain failed and `include_failed` is false.
 
-    Example:
+    Examples:
       >>> import arviz as az  # doctest: +SKIP
       >>> idata = result.to_arviz()  # doctest: +SKIP
       >>> az.summary(idata, var_names=["llc"])  # doctest: +SKIP
