@@ -86,19 +86,37 @@ def small_run(**overrides):
 # Accuracy against known learning coefficients.
 
 
-def test_regular_regression_is_d_over_2():
+def _d_over_2_run(noise_variance):
     # d = 8 * 4 = 32 weights, lambda = 16. nbeta = n / log n, minibatches of
     # 200, step size 1e-4 (eps * nbeta * curvature / 4 ~ 0.007).
     n = 2000
     w_star, data = regression_problem(8, 4, n, seed=0)
-    result = so.estimate_llc(
+    return so.estimate_llc(
         linreg_loss, w_star, data, key=0, learning_rate=1e-4,
         nbeta=n / math.log(n), num_chains=4, num_draws=3000,
-        num_burnin_steps=600, batch_size=200, progress=False)
+        num_burnin_steps=600, batch_size=200, progress=False,
+        noise_level=math.sqrt(noise_variance))
+
+
+def _near_d_over_2(result):
+    # The estimate runs about 4% high: minibatch gradients add their own
+    # noise (the full-batch test below has an exact oracle instead). Its
+    # MCSE is about 1.4%; 6% of lambda passes it and fails a run whose
+    # noise variance is 5% too large.
     truth = so.regular_learning_coefficient(32).value
-    assert result.llc_mean == pytest.approx(truth, rel=0.15)
+    return abs(result.llc_mean - truth) <= 0.06 * truth
+
+
+def test_regular_regression_is_d_over_2():
+    result = _d_over_2_run(1.0)
+    assert _near_d_over_2(result)
     assert not result.diverged.any()
     assert result.rhat < 1.05
+
+
+@pytest.mark.filterwarnings("ignore:noise_level")
+def test_regular_regression_criterion_fails_with_5_percent_more_noise():
+    assert not _near_d_over_2(_d_over_2_run(1.05))
 
 
 @pytest.mark.parametrize(
@@ -568,6 +586,21 @@ def test_burnin_and_thinning_pick_the_right_steps():
     np.testing.assert_array_equal(thinned.metrics.noise, flat.metrics.noise)
 
 
+@pytest.mark.filterwarnings("ignore:noise_level")
+@pytest.mark.parametrize("noise_variance, matches",
+                         [(1.0, True), (0.95, False), (1.05, False)])
+def test_noise_power_is_lr_times_numel(noise_variance, matches):
+    """The mean squared norm of the noise metric is lr * numel, within 2.5%:
+    over 3 x 4000 draws of chi-squared with 6 degrees of freedom its
+    standard error is 0.53%, so a right run passes and one whose noise
+    variance is 5% off fails, each by over four standard errors."""
+    result = small_run(key=0, num_draws=4000, save_metrics=True,
+                       localization=5.0, weight_decay=0.5,
+                       noise_level=math.sqrt(noise_variance))
+    power = np.mean(np.square(result.metrics.noise))
+    assert (abs(power / (1e-3 * SMALL_W.size) - 1) <= 0.025) == matches
+
+
 def test_metrics_traces_follow_the_hyperparameters():
     result = small_run(key=0, num_draws=200, save_metrics=True,
                        localization=5.0, weight_decay=0.5)
@@ -576,8 +609,8 @@ def test_metrics_traces_follow_the_hyperparameters():
     assert m.scaled_grad.shape == (3, 200)
     numel = SMALL_W.size
     np.testing.assert_array_equal(m.numel, numel)
-    # The noise norm is sqrt(lr * numel) on average.
-    assert np.mean(m.noise) == pytest.approx(math.sqrt(1e-3 * numel), rel=0.1)
+    # (The noise's norm: test_noise_power_is_lr_times_numel.)
+    assert np.all(m.noise > 0)
     assert np.all(m.localization[:, 1:] > 0) and np.all(m.weight_decay > 0)
     assert np.all(m.localization[:, 0] == 0)  # w = w* before the first step
     plain = small_run(key=0, num_draws=200, save_metrics=True)
