@@ -10,6 +10,8 @@ from sgld_optax._src.llc.result import LLCResult
 from sgld_optax._src.llc.series import LLCSeriesResult
 from sgld_optax._src.llc.series import estimate_llc_series
 from sgld_optax._src.llc.api import estimate_llc
+from sgld_optax._src.lm import causal_lm_loss
+from sgld_optax._src.lm import token_data
 from sgld_optax._src.metrics import Metrics
 from sgld_optax._src.samplers.common import default_nbeta
 from sgld_optax._src.samplers.common import get_metrics
@@ -46,6 +48,7 @@ __all__ = (
     "SketchBuffer",
     "aoyagi_learning_coefficient",
     "calibrate_llc",
+    "causal_lm_loss",
     "default_nbeta",
     "effective_sample_size",
     "estimate_llc",
@@ -60,4 +63,5 @@ __all__ = (
     "sgld",
     "sgnht",
     "split_rhat",
+    "token_data",
 )

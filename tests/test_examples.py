@@ -59,3 +59,43 @@ def test_quickstart_rmsprop_sgld_preconditions_the_noise(capsys):
     # The raw gradient is not preconditioned, the gradient term is.
     assert not np.allclose(np.asarray(metrics.scaled_grad[1:]),
                            np.asarray(metrics.unscaled_grad[1:]), rtol=0.1)
+
+
+def test_gpt2_llc_example(tmp_path, capsys):
+    """The GPT-2 example, small: the HF model's logits in Flax, checkpoints
+    that GPT2LMHeadModel loads with the logits of the params saved, and a
+    finite, positive LLC below d / 2 with no failed chain at each."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    example = _load("gpt2_llc")
+    plot = tmp_path / "gpt2_llc.png"
+    out = example.main(train_steps=120, checkpoints=2, num_chains=2,
+                       num_draws=40, num_sequences=96, seq_len=32,
+                       out_dir=str(tmp_path / "ckpt"), plot=str(plot))
+    printed = capsys.readouterr().out
+    for step in ("1.", "2.", "3.", "4."):
+        assert f"\n{step} " in "\n" + printed
+    assert out["logits_max_diff"] < 1e-5
+    assert out["steps"] == [60, 120] and len(out["results"]) == 2
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out["train_losses"][-1] < out["train_losses"][0] - 0.5
+
+    config = example.GPT2Config(n_positions=32)
+    d = out["num_params"]
+    assert d == sum(p.numel() for p in example.torch_model(config).parameters())
+    apply_fn = jax.jit(example.make_apply(config))
+    ids = np.random.default_rng(5).integers(0, config.vocab_size, (3, 32))
+    for path, result in zip(out["paths"], out["results"]):
+        assert np.all(result.failures == "") and not np.any(result.diverged)
+        assert np.isfinite(result.llc_mean) and 0 < result.llc_mean < d / 2
+        model = example.torch_model(config, seed=1)
+        model.load_state_dict(load_file(path), strict=True)
+        with torch.no_grad():
+            want = model(torch.as_tensor(ids)).logits.numpy()
+        params = example.torch_interop.params_from_torch(
+            path, like=example.template(config),
+            rules=example.torch_interop.gpt2_rules())
+        np.testing.assert_allclose(apply_fn(params, ids), want, atol=1e-5,
+                                   rtol=1e-5)
