@@ -385,3 +385,12 @@ def test_gpt2_llc_agrees_with_devinterps_llc(tmp_path):
     # Both are far from 0 and from d / 2: the comparison is not vacuous.
     d = gpt2.num_params(params)
     assert 5 * se < b.mean() < d / 20
+
+
+def test_a_hugging_face_dataset_is_pointed_to_token_data():
+    datasets = pytest.importorskip("datasets")
+    ids = np.zeros((8, 5), np.int32)
+    dataset = datasets.Dataset.from_dict({"input_ids": ids})
+    with pytest.raises(TypeError, match="token_data"):
+        so.estimate_llc(lambda p, b: jnp.sum(p), jnp.ones(2), dataset,
+                        learning_rate=1e-4, nbeta=10.0)

@@ -355,6 +355,12 @@ def _prepare(loss_fn, params, data, *, key, sampler, sampler_kwargs,
         raise TypeError(
             "data is a one-shot iterator; pass a re-iterable (such as a "
             "DataLoader) so that it can be read more than once.")
+    if (type(data).__name__ == "Dataset"
+            and hasattr(data, "column_names") and hasattr(data, "with_format")):
+        # A Hugging Face datasets.Dataset iterates over rows of lists.
+        raise TypeError(
+            "data is a Hugging Face Dataset, whose rows are not batches; "
+            "pass so.token_data(dataset) (arrays of its columns) instead.")
     in_memory = _is_in_memory(data)
     if in_memory:
         data = jax.tree.map(lambda x: jnp.asarray(_to_numpy(x)), data)
