@@ -30,8 +30,8 @@ import importlib.util
 import json
 import os
 import pathlib
-import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -43,6 +43,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import sgld_optax as so  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_lib import cpu_model  # noqa: E402
 from sgld_optax import torch_interop  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -54,17 +57,6 @@ def _example():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> str:
