@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import (TYPE_CHECKING, Any, Callable, Mapping, NamedTuple,
+                    Optional, Sequence, Union)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+if TYPE_CHECKING:  # matplotlib is imported only when plotting
+    from matplotlib.figure import Figure
 
 from sgld_optax._src import base
 from sgld_optax._src.llc import api
@@ -99,7 +103,7 @@ class CalibrationResult(NamedTuple):
         lines.append(f"recommended: {self.reason}")
         return "\n".join(lines)
 
-    def plot(self, path: Optional[str] = None):
+    def plot(self, path: Optional[str] = None) -> "Figure":
         """The estimate and its stability over the grid.
 
         One column per localization. The top row shows the LLC against the

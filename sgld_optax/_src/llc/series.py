@@ -10,12 +10,16 @@ time to bound the memory.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import (TYPE_CHECKING, Any, Callable, Mapping, NamedTuple,
+                    Optional, Sequence, Union)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+if TYPE_CHECKING:  # matplotlib is imported only when plotting
+    from matplotlib.figure import Figure
 
 from sgld_optax._src import base
 from sgld_optax._src.llc import api
@@ -47,7 +51,7 @@ class LLCSeriesResult(NamedTuple):
     init_loss: np.ndarray
     trustworthy: np.ndarray
 
-    def plot(self, path: Optional[str] = None):
+    def plot(self, path: Optional[str] = None) -> "Figure":
         """The LLC against the training step, with the loss at each checkpoint.
 
         The top panel shows `llc_mean` with a band of one `llc_std` (and
