@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -159,8 +159,7 @@ def transformation(
     use_box = bounding_box_size is not None
     observing = save_metrics or sketching
     keep_initial = (terms_lib.needs_initial(priors) or use_box or observing)
-    centers = [p.center for p in priors
-               if p.center is not None and not isinstance(p.center, str)]
+    centers = terms_lib.given_centers(priors)
     extra_fields = preconditioner.fields + dynamics.fields
 
     def get_sketch(total: int) -> CountSketch:

@@ -104,6 +104,13 @@ def _is_initial(center) -> bool:
     return isinstance(center, str) and center == "initial"
 
 
+def given_centers(priors: Sequence[GaussianPrior]) -> list:
+    """The centres of the priors with a given centre (not $w_0$, not 0), in
+    the order of the `"center{k}"` bases of `drift_terms`."""
+    return [p.center for p in priors
+            if p.center is not None and not _is_initial(p.center)]
+
+
 def drift_terms(nbeta, priors: Sequence[GaussianPrior]) -> list[Term]:
     """The terms of the potential's gradient, in the order they are summed."""
     terms = [Term("scaled_grad", nbeta, GRAD)]

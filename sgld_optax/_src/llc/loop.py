@@ -256,8 +256,7 @@ def _potential(tx, state, params, grads, w_star, mask):
     priors = terms_lib.priors_of(hp["localization"], hp["weight_decay"],
                                  list(hp["priors"]))
     terms = terms_lib.drift_terms(nb, priors)
-    centers = [p.center for p in priors
-               if p.center is not None and not isinstance(p.center, str)]
+    centers = terms_lib.given_centers(priors)
     p_leaves, treedef = jax.tree_util.tree_flatten(params)
     g_leaves = treedef.flatten_up_to(grads)
     m_leaves = (treedef.flatten_up_to(mask) if mask is not None

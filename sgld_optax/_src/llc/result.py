@@ -303,8 +303,9 @@ def _summarise(out, *, init_loss, nbeta, num_params, spread) -> LLCResult:
     kinds = np.asarray(out.failure)
     steps = np.asarray(out.failure_step)
     values = np.asarray(out.failure_loss)
-    bound = (init_loss + loop.BLOWUP_PER_PARAM * (num_params + 1) / nbeta
-             + loop.BLOWUP_SPREADS * spread)
+    bound = loop.blowup_bound(
+        loop._Reference(init_loss=init_loss, spread=spread,
+                        num_params=num_params), nbeta)
     failures, kind_names = [], []
     for kind, step, value in zip(kinds, steps, values):
         if kind == loop.NON_FINITE:
