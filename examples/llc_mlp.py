@@ -124,7 +124,7 @@ def linen_llc(data, seed, train_steps, num_draws):
         seed, train_steps, num_draws)
 
 
-def main(train_steps: int = 2000, num_draws: int = 2000, seed: int = 0,
+def main(train_steps: int = 2000, num_draws: int = 12000, seed: int = 0,
          plot: str | None = None):
     """Trains both models and returns ``{"nnx": LLCResult, "linen": ...}``."""
     data = make_data(jax.random.key(seed))
@@ -149,7 +149,7 @@ def main(train_steps: int = 2000, num_draws: int = 2000, seed: int = 0,
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-steps", type=int, default=2000)
-    parser.add_argument("--num-draws", type=int, default=2000)
+    parser.add_argument("--num-draws", type=int, default=12000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None,
                         help="write trace plots, e.g. llc_mlp.png")
