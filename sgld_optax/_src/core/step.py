@@ -350,6 +350,9 @@ def transformation(
         noise_level=noise_level, weight_decay=weight_decay,
         localization=localization, priors=extra_priors,
         bounding_box_size=bounding_box_size, mask=mask, **hyperparams))
+    # The step's preconditioner, for code that needs its factors G_t (the
+    # MALA acceptance of a step) without taking the step again.
+    update_fn.preconditioner = preconditioner
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 

@@ -38,7 +38,6 @@ from jax.experimental import io_callback
 
 from sgld_optax._src import base
 from sgld_optax._src import noise as noise_lib
-from sgld_optax._src.core import preconditioners as precond_lib
 from sgld_optax._src.core import terms as terms_lib
 from sgld_optax._src.samplers import common as common_lib
 from sgld_optax._src.samplers import rmsprop_sgld as rmsprop_sgld_lib
@@ -284,15 +283,12 @@ def _potential(tx, state, params, grads, w_star, mask):
 def _preconditioner(tx, state, params, grads):
     """The diagonal preconditioner $G_t$ of the step from `state`, per
     leaf, or `None` for a sampler without one (SGLD)."""
-    if not hasattr(state, "square_avg"):
+    precond = tx.update.preconditioner
+    if not precond.fields:
         return None
-    hp = _hyperparams(tx)
-    precond = precond_lib.rmsprop(
-        hp["alpha"], hp["eps"], initial_square_avg=hp["initial_square_avg"],
-        bias_correction=bool(hp["bias_correction"]))
-    p_leaves, treedef = jax.tree_util.tree_flatten(params)
+    treedef = jax.tree_util.tree_structure(params)
     _, factors = precond.update(
-        {"square_avg": treedef.flatten_up_to(state.square_avg)},
+        {f: treedef.flatten_up_to(getattr(state, f)) for f in precond.fields},
         treedef.flatten_up_to(grads), state.count)
     return list(factors.drift)
 
@@ -329,14 +325,14 @@ def _log_acceptance(prev: _MalaCarry, nbeta, drift, loss, prior):
             + (prev.prior - prior) + total)
 
 
-def _mala_init(state, params) -> _MalaCarry:
+def _mala_init(tx, params) -> _MalaCarry:
     leaves = jax.tree_util.tree_leaves(params)
     zeros = [jnp.zeros(p.shape, base.compute_dtype(p.dtype)) for p in leaves]
     f32 = jnp.zeros((), jnp.float32)
     return _MalaCarry(
         delta=[jnp.zeros_like(p) for p in leaves], drift=zeros,
         precond=([jnp.ones_like(z) for z in zeros]
-                 if hasattr(state, "square_avg") else None),
+                 if tx.update.preconditioner.fields else None),
         loss=f32, prior=f32, lr=f32, valid=jnp.zeros((), bool))
 
 
@@ -426,7 +422,7 @@ def _init_chains(static, hyper, mask, params, key, chain_ids):
                        failure=jnp.int32(NO_FAILURE),
                        failure_step=jnp.int32(-1),
                        failure_loss=jnp.float32(jnp.nan),
-                       mala=_mala_init(state, params) if static.mala else None)
+                       mala=_mala_init(tx, params) if static.mala else None)
 
     return tx, _constrain(jax.vmap(one)(chain_ids), static.sharding)
 
