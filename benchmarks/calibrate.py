@@ -7,9 +7,12 @@ On the LLC benchmark's MLP (``bench_lib.llc_problem``), times, against one
 warm ``so.estimate_llc`` call per point, in the same process:
 ``so.calibrate_llc`` over an 8 x 8 grid of learning rates and nbetas, and
 ``so.estimate_llc_series`` over 8 checkpoints (the teacher's weights
-scaled), each 4 chains x 500 draws per point. Each side is run once to
-compile, then timed (median of ``--repeats`` runs). Prints a table with the
-ratios and the machine; no figures are written.
+scaled), each 4 chains x 500 draws per point. Beside them, the floor any
+sweep pays: the same number of the MLP's gradients on batches of the same
+size, every chain in one ``lax.scan`` with nothing else (no noise, prior or
+checks). Each side is run once to compile, then timed (median of
+``--repeats`` runs). Prints a table with the ratios and the machine; no
+figures are written.
 """
 
 from __future__ import annotations
@@ -75,12 +78,40 @@ def main(argv=None):
         for ck in checkpoints:
             so.estimate_llc(bl.mlp_loss, ck, data, progress=False, **single)
 
+    def gradients_only(num_chains):
+        """``num_chains`` chains of ``draws`` plain gradient steps."""
+        import jax
+
+        xs, ys = jnp.asarray(x), jnp.asarray(y)
+
+        @jax.jit
+        def run(params, key):
+            chains = jax.tree.map(
+                lambda a: jnp.broadcast_to(a, (num_chains,) + a.shape), params)
+
+            def step(chains, t):
+                index = jax.random.randint(jax.random.fold_in(key, t),
+                                           (num_chains, batch), 0, n)
+                loss, grads = jax.vmap(jax.value_and_grad(bl.mlp_loss))(
+                    chains, (xs[index], ys[index]))
+                chains = jax.tree.map(lambda w, g: w - 1e-6 * g, chains, grads)
+                return chains, loss
+
+            return lax.scan(step, chains, jnp.arange(draws))[1]
+
+        return lambda: run(params, jax.random.key(0)).block_until_ready()
+
+    from jax import lax
+
     import warnings
     warnings.simplefilter("ignore", RuntimeWarning)  # failed chains: expected
     times = {}
     for name, fn in (("calibrate_llc", grid), ("estimate_llc calls", calls),
+                     ("grid gradients", gradients_only(
+                         num_lr * num_nb * chains)),
                      ("estimate_llc_series", series),
-                     ("checkpoint calls", series_calls)):
+                     ("checkpoint calls", series_calls),
+                     ("series gradients", gradients_only(num_ck * chains))):
         bl.log(f"{name}: compiling")
         fn()
         samples = []
@@ -93,6 +124,8 @@ def main(argv=None):
 
     ratio = times["estimate_llc calls"] / times["calibrate_llc"]
     ratio_series = times["checkpoint calls"] / times["estimate_llc_series"]
+    ceiling = times["estimate_llc calls"] / times["grid gradients"]
+    ceiling_series = times["checkpoint calls"] / times["series gradients"]
     print(f"\nMLP {'-'.join(map(str, bl.LLC_WIDTHS))} "
           f"({bl.llc_num_params():,} params), {n} points, batch {batch}; "
           f"{num_lr} x {num_nb} grid, {chains} chains x {draws} draws; "
@@ -105,11 +138,18 @@ def main(argv=None):
          (f"{num_lr * num_nb} warm `so.estimate_llc` calls",
           f"{times['estimate_llc calls']:.2f}"),
          ("speedup", f"**{ratio:.1f}x**"),
+         ("the gradients alone, one program", f"{times['grid gradients']:.2f}"),
+         ("calls / gradients alone: a sweep's ceiling here",
+          f"{ceiling:.1f}x"),
          (f"`so.estimate_llc_series`, {num_ck} checkpoints",
           f"{times['estimate_llc_series']:.2f}"),
          (f"{num_ck} warm `so.estimate_llc` calls",
           f"{times['checkpoint calls']:.2f}"),
-         ("speedup", f"**{ratio_series:.1f}x**")]))
+         ("speedup", f"**{ratio_series:.1f}x**"),
+         ("the gradients alone, one program",
+          f"{times['series gradients']:.2f}"),
+         ("calls / gradients alone: a sweep's ceiling here",
+          f"{ceiling_series:.1f}x")]))
     return times
 
 

@@ -272,9 +272,11 @@ def test_cold_llc_with_a_persistent_compilation_cache():
 
 
 def test_sweep_benchmark_runs_quick():
-    """benchmarks/calibrate.py --quick times both sweeps and their calls."""
+    """benchmarks/calibrate.py --quick times both sweeps, their calls and
+    the gradients alone."""
     calibrate = load_benchmark("calibrate")
     times = calibrate.main(["--quick", "--repeats", "1"])
     assert set(times) == {"calibrate_llc", "estimate_llc calls",
-                          "estimate_llc_series", "checkpoint calls"}
+                          "grid gradients", "estimate_llc_series",
+                          "checkpoint calls", "series gradients"}
     assert all(t > 0 for t in times.values())
