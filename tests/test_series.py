@@ -123,7 +123,7 @@ def test_bad_arguments(tmp_path):
     other = {"Dense_0": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}}
     with pytest.raises(ValueError, match=r"checkpoints\[1\]"):
         so.estimate_llc_series(_loss, [cks[0], other], data, **KWARGS)
-    with pytest.raises(ValueError, match="orbax"):
+    with pytest.raises(ValueError, match="not an orbax checkpoint"):
         so.estimate_llc_series(_loss, [tmp_path], data, like=cks[0],
                                **KWARGS)
     with pytest.raises(TypeError, match="like="):
@@ -132,3 +132,91 @@ def test_bad_arguments(tmp_path):
         so.estimate_llc_series(_loss, [], data, **KWARGS)
     with pytest.raises(ValueError, match="group_size"):
         so.estimate_llc_series(_loss, cks, data, group_size=0, **KWARGS)
+
+
+def _save_orbax(saver, cks, root):
+    """Saves each checkpoint with orbax; returns the directories to read."""
+    import orbax.checkpoint as ocp
+    if saver == "manager":
+        with ocp.CheckpointManager(root) as manager:
+            for k, ck in enumerate(cks):
+                manager.save(k, args=ocp.args.StandardSave(ck))
+        return [root / str(k) for k in range(len(cks))]
+    make = {"standard": ocp.StandardCheckpointer,
+            "pytree": ocp.PyTreeCheckpointer}[saver]
+    paths = [root / f"step{k}" for k in range(len(cks))]
+    for path, ck in zip(paths, cks):
+        with make() as checkpointer:
+            checkpointer.save(path, ck)
+    return paths
+
+
+@pytest.mark.parametrize("saver", ["standard", "pytree", "manager"])
+def test_orbax_directories(tmp_path, saver):
+    """Orbax directories, with or without like=, give bitwise the estimates
+    of the pytrees they hold."""
+    data = _problem(seed=10)
+    cks = _checkpoints(3, seed=11)
+    paths = _save_orbax(saver, cks, tmp_path / saver)
+    from_trees = so.estimate_llc_series(_loss, cks, data, **KWARGS)
+    for like in (None, cks[0]):
+        from_dirs = so.estimate_llc_series(_loss, paths, data, like=like,
+                                           **KWARGS)
+        np.testing.assert_array_equal(from_dirs.llc_mean,
+                                      from_trees.llc_mean)
+        for a, b in zip(from_dirs.results, from_trees.results):
+            np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+
+
+def test_orbax_directory_restores_like_dtypes(tmp_path):
+    """With like=, the saved arrays take like's structure and dtypes;
+    without, the saved ones."""
+    ck = {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3),
+          "b": (jnp.ones(2, jnp.float32),)}
+    (path,) = _save_orbax("standard", [ck], tmp_path)
+    like = {"w": np.zeros((2, 3), np.float16), "b": (jnp.zeros(2),)}
+    restored = series_lib._load(path, like, None)
+    assert restored["w"].dtype == jnp.float16
+    assert isinstance(restored["b"], tuple)
+    np.testing.assert_array_equal(restored["w"], np.arange(6).reshape(2, 3))
+    as_saved = series_lib._load(path, None, None)
+    assert as_saved["w"].dtype == jnp.float32
+    np.testing.assert_array_equal(as_saved["b"][0], ck["b"][0])
+
+
+def test_orbax_directory_that_does_not_match_like(tmp_path):
+    data = _problem()
+    cks = _checkpoints(2)
+    paths = _save_orbax("standard", cks, tmp_path)
+    wide = {"Dense_0": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}}
+    with pytest.raises(ValueError, match=r"step0.*does not match like=.*"
+                       r"Dense_0/bias has shape \(2,\) saved and \(3,\)"):
+        so.estimate_llc_series(_loss, paths, data, like=wide, **KWARGS)
+    more = {"Dense_0": cks[0]["Dense_0"], "Dense_1": {"kernel": jnp.ones(2)}}
+    with pytest.raises(ValueError,
+                       match="in like but not saved: Dense_1/kernel"):
+        so.estimate_llc_series(_loss, paths, data, like=more, **KWARGS)
+
+
+def test_directory_that_is_not_an_orbax_checkpoint(tmp_path):
+    data = _problem()
+    cks = _checkpoints(2)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "weights.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"plain.* is a directory but not "
+                       r"an orbax checkpoint: expected .*_METADATA"):
+        so.estimate_llc_series(_loss, [plain], data, **KWARGS)
+    # A manager's root holds steps, not items: a step must be chosen.
+    _save_orbax("manager", cks, tmp_path / "run")
+    with pytest.raises(ValueError, match="not an orbax checkpoint"):
+        so.estimate_llc_series(_loss, [tmp_path / "run"], data, **KWARGS)
+    # A step with two items is ambiguous.
+    import orbax.checkpoint as ocp
+    with ocp.CheckpointManager(tmp_path / "two") as manager:
+        manager.save(0, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(cks[0]),
+            ema=ocp.args.StandardSave(cks[1])))
+    with pytest.raises(ValueError, match="holds 2: ema, params"):
+        so.estimate_llc_series(_loss, [tmp_path / "two" / "0"], data,
+                               **KWARGS)

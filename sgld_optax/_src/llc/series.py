@@ -4,7 +4,8 @@ r"""The LLC over a training run: one estimate per checkpoint, vectorised.
 `estimate_llc` would at each, with the chains of several checkpoints in one
 compiled program: the run's loop (`loop._run_in_memory`) is vmapped over the
 checkpoints' weights and their $L_n(w^*)$, `group_size` checkpoints at a
-time to bound the memory.
+time to bound the memory. Checkpoints may be given as pytrees, PyTorch or
+safetensors files, or orbax checkpoint directories.
 """
 
 from __future__ import annotations
@@ -92,14 +93,12 @@ class LLCSeriesResult(NamedTuple):
 
 
 def _load(checkpoint, like, rules):
-    """A checkpoint's params: a pytree as it is, a file through
-    `torch_interop.params_from_torch`."""
+    """A checkpoint's params: a pytree as it is, a directory through
+    `orbax_dirs.restore`, a file through `torch_interop.params_from_torch`."""
     if isinstance(checkpoint, (str, os.PathLike)):
         if os.path.isdir(checkpoint):
-            raise ValueError(
-                f"checkpoint {os.fspath(checkpoint)!r} is a directory; "
-                "restore it yourself (e.g. with orbax's "
-                "PyTreeCheckpointer().restore) and pass the pytree.")
+            from sgld_optax._src.interop import orbax_dirs
+            return orbax_dirs.restore(checkpoint, like)
         if like is None:
             raise TypeError(
                 "checkpoints given as files need like=: a params pytree "
@@ -147,17 +146,24 @@ def estimate_llc_series(
 
     Args:
       loss_fn: `loss_fn(params, batch) -> scalar`, as for `estimate_llc`.
-      checkpoints: the checkpoints, each a params pytree or the path of a
+      checkpoints: the checkpoints, each a params pytree, the path of a
         PyTorch (`.pt`, `.pth`, `.bin`) or `.safetensors` file, read with
-        `torch_interop.params_from_torch(path, like=like, rules=rules)`. A
-        directory (e.g. an orbax checkpoint) is refused: restore it and
-        pass the pytree. All must have one structure, shapes and dtypes.
+        `torch_interop.params_from_torch(path, like=like, rules=rules)`, or
+        the path of an orbax checkpoint directory: what orbax's
+        `StandardCheckpointer` or `PyTreeCheckpointer` saves, or a
+        `CheckpointManager` step directory holding one item. A directory
+        is restored into `like`'s structure, shapes and dtypes when `like`
+        is given (a saved tree that differs in structure or shapes is a
+        `ValueError` naming the leaves), else as saved; onto the default
+        device either way (or `like`'s shardings). Any other directory is
+        a `ValueError`. All must have one structure, shapes and dtypes.
       data: the data, as for `estimate_llc`.
       steps: the training step of each checkpoint, for the plot; by
         default `0, 1, ...`.
-      like: the params pytree files are loaded into.
-      rules: conversion rules for files (e.g.
-        `torch_interop.gpt2_rules()`).
+      like: the params pytree files are loaded into (required for files;
+        optional for orbax directories, which otherwise restore as saved).
+      rules: conversion rules for PyTorch and safetensors files (e.g.
+        `torch_interop.gpt2_rules()`); orbax directories ignore them.
       group_size: checkpoints sampled together (>= 1); fewer bound the
         memory, `num_chains * group_size` copies of the params and the
         sampler's state.
@@ -182,8 +188,10 @@ def estimate_llc_series(
       An `LLCSeriesResult`, with `plot()` of the LLC against the step.
 
     Raises:
-      TypeError, ValueError: for invalid arguments (naming them), and for
-        checkpoints whose structure or shapes differ from the first's.
+      TypeError, ValueError: for invalid arguments (naming them), for
+        checkpoints whose structure or shapes differ from the first's, for
+        orbax directories that differ from `like`, and for directories
+        that are not orbax checkpoints.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
