@@ -1,5 +1,6 @@
 """Tests for the calibration sweep (`_src/llc/calibrate.py`)."""
 
+import functools
 import types
 
 import jax.numpy as jnp
@@ -81,17 +82,28 @@ def test_default_grid_is_devinterp_v1s():
     assert "recommended:" in cal.table()
 
 
-def _fake(mean, mcse=0.01, failed=0, in_range=True, mala=None):
+def _fake(mean, mcse=0.01, failed=0, in_range=True, mala=None, rhat_ok=True,
+          ess_ok=True):
+    """A stand-in for an LLCResult with the verdict's checks."""
+    checks = [Check("non-finite loss", failed, "", failed == 0, ""),
+              Check("LLC range", mean, "", in_range, ""),
+              Check("R-hat", 1.0 if rhat_ok else 1.2, "", rhat_ok, ""),
+              Check("bulk ESS", 500 if ess_ok else 50, "", ess_ok, ""),
+              Check("tail ESS", 500, "", True, "")]
+    if mala is not None:
+        checks.append(Check("MALA acceptance", mala, "", mala >= 0.5, ""))
     return types.SimpleNamespace(
         llc_mean=mean, llc_std=0.1, mcse=mcse, rhat=1.0, ess_bulk=100.0,
+        ess_tail=100.0,
         diverged=np.asarray([True] * failed + [False] * (2 - failed)),
         mala_acceptance=None if mala is None else np.full((2, 5), mala),
-        checks=(Check("LLC range", mean, "", in_range, ""),))
+        checks=tuple(checks))
 
 
 def test_recommendation_rule():
-    """The largest step size whose estimate is sound and agrees with the
-    next smaller one; ties go to the nbeta closest to the default."""
+    """The largest step size whose estimate passes the verdict and agrees
+    with the next smaller one; ties go to the nbeta closest to the
+    default."""
     lrs = np.asarray([1e-5, 1e-4, 1e-3, 1e-2])
     nbs = np.asarray([5.0, 50.0])
     locs = np.asarray([1.0])
@@ -102,25 +114,79 @@ def test_recommendation_rule():
         (0, 1): _fake(0.5), (1, 1): _fake(0.9),  # not yet mixed
         (2, 1): _fake(0.91), (3, 1): _fake(0.9, failed=1),
     }
-    results = [rows[i, j] for i in range(4) for j in range(2)]
-    cal = cal_lib._tabulate(results, (4, 2, 1), lrs, nbs, locs, default_nb)
+
+    def recommend():
+        results = [rows[i, j] for i in range(4) for j in range(2)]
+        return cal_lib._tabulate(results, (4, 2, 1), lrs, nbs, locs,
+                                 default_nb)
+
     # lr 1e-3 qualifies for both nbetas; 50 is closer to 40 than 5 is.
+    cal = recommend()
     assert cal.recommended == (1e-3, 50.0, 1.0)
-    # Without the nbeta-50 line, the rule takes lr 1e-3 at nbeta 5 (1e-2
-    # drifted by 0.98, far beyond 3 MCSEs and 5%).
-    rows[2, 1] = _fake(0.91, failed=1)
-    results = [rows[i, j] for i in range(4) for j in range(2)]
+    assert cal.qualifies[2, :, 0].all() and not cal.qualifies[3].any()
+    # A neighbour's ESS does not matter (a smaller step mixes slower).
+    rows[1, 1] = _fake(0.9, ess_ok=False)
+    assert recommend().recommended == (1e-3, 50.0, 1.0)
+    # The point's own ESS does; then the rule takes lr 1e-3 at nbeta 5
+    # (1e-2 drifted by 0.98, far beyond 3 MCSEs and 5%).
+    rows[2, 1] = _fake(0.91, ess_ok=False)
+    assert recommend().recommended == (1e-3, 5.0, 1.0)
+    # A neighbour whose chains disagree (R-hat) cannot vouch for it.
+    rows[1, 0] = _fake(1.01, rhat_ok=False)
+    assert recommend().recommended is None
+    rows[1, 0] = _fake(1.01)
+    # A failed MALA check disqualifies a point.
+    rows[2, 0] = _fake(1.02, mala=0.3)
+    assert recommend().recommended == (1e-4, 5.0, 1.0)
+    # Nothing sound: no recommendation; the reason counts each failure.
+    results = [_fake(1.0, in_range=False, rhat_ok=i % 2 == 0)
+               for i in range(8)]
     cal = cal_lib._tabulate(results, (4, 2, 1), lrs, nbs, locs, default_nb)
-    assert cal.recommended == (1e-3, 5.0, 1.0)
-    # MALA acceptance below 0.9 disqualifies a point.
-    rows[2, 0] = _fake(1.02, mala=0.7)
-    results = [rows[i, j] for i in range(4) for j in range(2)]
-    cal = cal_lib._tabulate(results, (4, 2, 1), lrs, nbs, locs, default_nb)
-    assert cal.recommended == (1e-4, 5.0, 1.0)
-    # Nothing sound: no recommendation, and the reason says so.
-    results = [_fake(1.0, in_range=False) for _ in range(8)]
-    cal = cal_lib._tabulate(results, (4, 2, 1), lrs, nbs, locs, default_nb)
-    assert cal.recommended is None and cal.reason.startswith("none")
+    assert cal.recommended is None and not cal.qualifies.any()
+    assert cal.reason.startswith("none")
+    assert "8 failed LLC range" in cal.reason
+    assert "4 failed R-hat" in cal.reason
+
+
+def test_recommendation_passes_its_own_verdict():
+    """On a regression (d = 3, LLC 3/2) over the default grid, the
+    recommended point's own estimate passes every check of its verdict,
+    and a long run there lands within 25% of d/2."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(1000, 3)).astype(np.float32)
+    y = (x @ np.asarray([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=1000)
+         ).astype(np.float32)
+    w = jnp.asarray(np.linalg.lstsq(x, y, rcond=None)[0])
+
+    def loss(w, batch):
+        xb, yb = batch
+        return 0.5 * jnp.mean((xb @ w - yb) ** 2)
+
+    cal = so.calibrate_llc(loss, w, (x, y), num_chains=4, num_draws=200)
+    assert cal.recommended is not None, cal.reason
+    i, j, k = (int(np.flatnonzero(grid == value)[0]) for grid, value in zip(
+        (cal.learning_rates, cal.nbetas, cal.localizations), cal.recommended))
+    point = cal.results[i][j][k]
+    assert all(c.passed for c in point.checks), point.summary()
+    assert cal.qualifies[i, j, k]
+    lr, nb, loc = cal.recommended
+    long = so.estimate_llc(loss, w, (x, y), key=1, learning_rate=lr,
+                           nbeta=nb, localization=loc, num_chains=4,
+                           num_draws=2000, progress=False)
+    assert abs(long.llc_mean - 1.5) < 0.25 * 1.5
+
+
+def test_mala_is_recorded_for_a_wrapped_first_order_factory():
+    w, data = _regression(seed=6)
+    factory = functools.partial(so.rmsprop_sgld, alpha=0.9)
+    cal = so.calibrate_llc(_loss, w, data, learning_rates=[1e-4, 1e-3],
+                           nbetas=[10.0], sampler=factory, num_chains=2,
+                           num_draws=20)
+    assert np.isfinite(cal.mala_acceptance).all()
+    cal = so.calibrate_llc(_loss, w, data, learning_rates=[1e-4, 1e-3],
+                           nbetas=[10.0], sampler=so.sghmc, num_chains=2,
+                           num_draws=20)
+    assert np.isnan(cal.mala_acceptance).all()
 
 
 def test_table_and_plot(tmp_path):

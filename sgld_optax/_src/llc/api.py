@@ -342,6 +342,8 @@ def _prepare(loss_fn, params, data, *, key, sampler, sampler_kwargs,
     batch_size = _check_int("batch_size", batch_size, 1)
     for name, flag in (("save_metrics", save_metrics), ("mala", mala),
                        ("progress", progress)):
+        if name == "mala" and flag is None:
+            continue  # a sweep's default: record it where the sampler can
         if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {flag!r}.")
     leaves = jax.tree_util.tree_leaves(params)
@@ -423,6 +425,8 @@ def _prepare(loss_fn, params, data, *, key, sampler, sampler_kwargs,
             "so.rmsprop_sgld, so.sghmc or so.sgnht (its state must be one of "
             f"theirs), got a state of type {type(check_state).__name__}.")
 
+    if mala is None:
+        mala = isinstance(check_state, _LANGEVIN_STATES)
     if mala and not isinstance(check_state, _LANGEVIN_STATES):
         raise ValueError(
             "mala=True needs a first-order (Langevin) sampler, 'sgld' or "

@@ -27,7 +27,8 @@ from sgld_optax._src import base
 from sgld_optax._src.llc import api
 from sgld_optax._src.llc import data as data_lib
 from sgld_optax._src.llc import loop
-from sgld_optax._src.llc.result import LLCResult, _summarise
+from sgld_optax._src.llc.result import (MALA_MIN, RHAT_MAX, LLCResult,
+                                         _summarise)
 from sgld_optax._src.samplers import common as common_lib
 
 
@@ -49,12 +50,15 @@ class CalibrationResult(NamedTuple):
       mcse: `(L, B, G)`, the Monte Carlo standard error of `llc_mean`.
       rhat: `(L, B, G)`, rank-normalised split $\hat R$.
       ess_bulk: `(L, B, G)`, bulk effective sample size.
+      ess_tail: `(L, B, G)`, tail effective sample size.
       mala_acceptance: `(L, B, G)`, the mean MALA acceptance (NaN unless
         recorded: first-order samplers only).
       num_failed: int `(L, B, G)`, chains that failed (non-finite loss or
         blow-up).
       llc_in_range: bool `(L, B, G)`, whether the estimate passed the
         range check (not clearly negative, not above $d/2$).
+      qualifies: bool `(L, B, G)`, whether the grid point qualifies for
+        the recommendation (see `calibrate_llc`).
       recommended: the recommended `(learning_rate, nbeta, localization)`,
         or `None` when no grid point qualifies; see `calibrate_llc`.
       reason: why that setting, or why none.
@@ -69,9 +73,11 @@ class CalibrationResult(NamedTuple):
     mcse: np.ndarray
     rhat: np.ndarray
     ess_bulk: np.ndarray
+    ess_tail: np.ndarray
     mala_acceptance: np.ndarray
     num_failed: np.ndarray
     llc_in_range: np.ndarray
+    qualifies: np.ndarray
     recommended: Optional[tuple]
     reason: str
 
@@ -80,13 +86,13 @@ class CalibrationResult(NamedTuple):
 
         Returns:
           A string with columns learning rate, nbeta, localization, LLC
-          mean and std, MCSE, R-hat, bulk ESS, MALA acceptance, failed
-          chains and whether the LLC is in range; the recommended row is
-          marked with `*`.
+          mean and std, MCSE, R-hat, bulk and tail ESS, MALA acceptance,
+          failed chains, whether the LLC is in range and whether the point
+          qualifies; the recommended row is marked with `*`.
         """
         head = (f"{'':1} {'lr':>9} {'nbeta':>9} {'loc':>8} {'llc':>10} "
-                f"{'std':>9} {'mcse':>8} {'rhat':>7} {'ess':>7} {'mala':>6} "
-                f"{'failed':>6} {'range':>5}")
+                f"{'std':>9} {'mcse':>8} {'rhat':>7} {'ess':>7} {'tail':>7} "
+                f"{'mala':>6} {'failed':>6} {'range':>5} {'qual':>4}")
         lines = [head]
         for (i, j, k) in np.ndindex(self.llc_mean.shape):
             lr, nb = self.learning_rates[i], self.nbetas[j]
@@ -97,9 +103,11 @@ class CalibrationResult(NamedTuple):
                 f"{self.llc_mean[i, j, k]:10.4g} {self.llc_std[i, j, k]:9.3g} "
                 f"{self.mcse[i, j, k]:8.3g} {self.rhat[i, j, k]:7.3f} "
                 f"{self.ess_bulk[i, j, k]:7.1f} "
+                f"{self.ess_tail[i, j, k]:7.1f} "
                 f"{self.mala_acceptance[i, j, k]:6.3f} "
                 f"{int(self.num_failed[i, j, k]):6d} "
-                f"{'ok' if self.llc_in_range[i, j, k] else 'no':>5}")
+                f"{'ok' if self.llc_in_range[i, j, k] else 'no':>5} "
+                f"{'yes' if self.qualifies[i, j, k] else 'no':>4}")
         lines.append(f"recommended: {self.reason}")
         return "\n".join(lines)
 
@@ -157,9 +165,9 @@ class CalibrationResult(NamedTuple):
             ax2.set_xlabel("learning rate")
             ax2.set_ylabel("MALA acceptance" if mala else "R-hat")
             if mala:
-                ax2.axhline(0.9, color="0.5", ls="--", lw=1)
+                ax2.axhline(MALA_MIN, color="0.5", ls="--", lw=1)
             else:
-                ax2.axhline(1.01, color="0.5", ls="--", lw=1)
+                ax2.axhline(RHAT_MAX, color="0.5", ls="--", lw=1)
             ax.legend(fontsize="x-small")
         if path is not None:
             fig.savefig(path, dpi=120)
@@ -214,20 +222,29 @@ def calibrate_llc(
     $[10^{-6}, 10^{-2}]$ and 8 nbetas log-spaced from $10^{-2}$ to $10^3$
     times `default_nbeta(batch_size)`.
 
-    **The recommendation.** A grid point *qualifies* when none of its
-    chains failed (non-finite loss, blow-up), its estimate passed the range
-    check (not clearly negative, not above $d/2$), its MALA acceptance, if
-    recorded, is at least 0.9, and its estimate is *stable in the step
-    size*: it agrees with the estimate at the next smaller step size of the
-    same nbeta and localization (which must qualify on the other counts)
-    within $3\sqrt{s_1^2 + s_2^2}$ plus 5% of the smaller-step estimate,
-    $s$ being their MCSEs. A too-large step biases the estimate and a
-    too-small one mixes slowly; the largest stable step mixes best at
-    little bias. Among the qualifying points the recommendation is the
-    one with the largest learning rate, then the nbeta closest (in log) to
+    **The recommendation.** A grid point *qualifies* when its estimate
+    passes `estimate_llc`'s verdict and is stable in the step size:
+
+    1. every check of its `LLCResult.checks` passed: no chain failed
+       (non-finite loss, blow-up), the estimate is in range (not clearly
+       negative, not above $d/2$), the chains mixed ($\hat R < 1.01$, bulk
+       and tail ESS of at least 100 per chain) and, where recorded, the
+       mean MALA acceptance is at least 0.5;
+    2. its estimate agrees with the estimate at the next smaller step size
+       of the same nbeta and localization within $3\sqrt{s_1^2 + s_2^2}$
+       plus 5% of the smaller-step estimate, $s$ being their MCSEs; that
+       neighbour must pass every check but the ESS ones (a smaller step
+       mixes more slowly).
+
+    A too-large step biases the estimate and a too-small one mixes slowly;
+    the largest stable step mixes best at little bias. Among the
+    qualifying points the recommendation is the one with the largest
+    learning rate, then the nbeta closest (in log) to
     `default_nbeta(batch_size)`, then the smallest localization. The
     smallest step size of a line has no smaller neighbour and never
-    qualifies.
+    qualifies. When no point qualifies, `reason` counts the points that
+    failed each check; short runs fail R-hat and ESS (raise `num_draws`,
+    or `num_burnin_steps`).
 
     Args:
       loss_fn: `loss_fn(params, batch) -> scalar`, the mean loss over a
@@ -250,8 +267,9 @@ def calibrate_llc(
       num_burnin_steps: steps before the first draw.
       num_steps_bw_draws: steps between draws.
       batch_size: minibatch size.
-      mala: record the MALA acceptance; by default, for the first-order
-        samplers (`sgld`, `rmsprop_sgld`).
+      mala: record the MALA acceptance; by default, when the sampler is
+        first-order (its state is `so.sgld`'s or `so.rmsprop_sgld`'s,
+        however the factory is wrapped).
 
     Returns:
       A `CalibrationResult`: arrays over the grid, each point's
@@ -289,10 +307,6 @@ def calibrate_llc(
     lrs = _grid(learning_rates, "learning_rates", np.logspace(-6, -2, 8))
     nbs = _grid(nbetas, "nbetas", default_nb * np.logspace(-2, 3, 8))
     locs = _grid(localizations, "localizations", (0.0,))
-    if mala is None:
-        name = sampler if isinstance(sampler, str) else getattr(
-            sampler, "__name__", "")
-        mala = name in ("sgld", "rmsprop_sgld")
 
     # Checks every argument as estimate_llc does, at the grid's first
     # point, and builds the run; only the traced hyperparameters differ
@@ -306,7 +320,7 @@ def calibrate_llc(
         num_chains=num_chains, num_draws=num_draws,
         num_burnin_steps=num_burnin_steps,
         num_steps_bw_draws=num_steps_bw_draws, batch_size=batch_size,
-        save_metrics=False, mala=bool(mala), progress=False)
+        save_metrics=False, mala=mala, progress=False)
     grid = np.stack(np.meshgrid(lrs, nbs, locs, indexing="ij"),
                     axis=-1).reshape(-1, 3).astype(np.float32)
     hyper = run.hyper._replace(
@@ -341,8 +355,10 @@ def _run_grid(static, hyper, mask, params, data, key, chain_ids, reference):
 _sweep = jax.jit(_run_grid, static_argnames=("static",))
 
 
-def _check(result: LLCResult, name: str) -> bool:
-    return all(c.passed for c in result.checks if c.name == name)
+def _passes(result: LLCResult, skip: tuple = ()) -> bool:
+    """Whether every check of `result`'s verdict not named in `skip`
+    passed."""
+    return all(c.passed for c in result.checks if c.name not in skip)
 
 
 def _tabulate(results, shape, lrs, nbs, locs, default_nb) -> CalibrationResult:
@@ -356,21 +372,21 @@ def _tabulate(results, shape, lrs, nbs, locs, default_nb) -> CalibrationResult:
     num_failed = grid_of(lambda r: int(np.sum(r.diverged)), np.int64)
     llc_mean = grid_of(lambda r: r.llc_mean)
     mcse = grid_of(lambda r: r.mcse)
-    in_range = grid_of(lambda r: _check(r, "LLC range"), bool)
-    sound = (num_failed == 0) & in_range & np.isfinite(llc_mean)
-    sound &= np.isnan(mala) | (mala >= 0.9)
-    qualifies = np.zeros(shape, bool)
+    in_range = grid_of(lambda r: all(c.passed for c in r.checks
+                                     if c.name == "LLC range"), bool)
+    healthy = (num_failed == 0) & np.isfinite(llc_mean)
+    sound = healthy & grid_of(_passes, bool)
+    neighbour_ok = healthy & grid_of(
+        lambda r: _passes(r, skip=("bulk ESS", "tail ESS")), bool)
+    stable = np.zeros(shape, bool)
     order = np.argsort(lrs)
     for a, b in zip(order[:-1], order[1:]):  # b: the next larger step size
-        both = sound[a] & sound[b]
         tol = (3 * np.sqrt(mcse[a] ** 2 + mcse[b] ** 2)
                + 0.05 * np.abs(llc_mean[a]))
-        qualifies[b] = both & (np.abs(llc_mean[b] - llc_mean[a]) <= tol)
-    recommended, reason = None, (
-        "none: no grid point qualifies (no failed chain, LLC in range, MALA "
-        "acceptance >= 0.9 where recorded, and an estimate stable at the "
-        "next smaller step size); widen the grid towards smaller learning "
-        "rates, or raise num_draws.")
+        stable[b] = neighbour_ok[a] & (np.abs(llc_mean[b] - llc_mean[a])
+                                       <= tol)
+    qualifies = sound & stable
+    recommended = None
     if qualifies.any():
         cand = [(i, j, k) for (i, j, k) in zip(*np.nonzero(qualifies))]
         i, j, k = min(cand, key=lambda c: (
@@ -379,10 +395,21 @@ def _tabulate(results, shape, lrs, nbs, locs, default_nb) -> CalibrationResult:
         reason = (
             f"learning_rate={lrs[i]:.3g}, nbeta={nbs[j]:.4g}, "
             f"localization={locs[k]:.3g}: the largest step size whose "
-            f"estimate ({llc_mean[i, j, k]:.4g}) has no failed chain, is in "
-            "range" + (", has MALA acceptance >= 0.9" if np.isfinite(
-                mala[i, j, k]) else "")
-            + " and agrees with the next smaller step size's.")
+            f"estimate ({llc_mean[i, j, k]:.4g}) passes every check of the "
+            "verdict and agrees with the next smaller step size's.")
+    else:
+        failed = {}
+        for r in results:
+            for c in r.checks:
+                failed[c.name] = failed.get(c.name, 0) + (not c.passed)
+        counts = [f"{n} failed {name}" for name, n in failed.items() if n]
+        counts.append(f"{int(np.sum(~stable))} disagreed with the next "
+                      "smaller step size (or had none to compare with)")
+        reason = (f"none: no grid point qualifies. Of the {llc_mean.size} "
+                  "points, " + "; ".join(counts) + ". Raise num_draws (or "
+                  "num_burnin_steps) where the chains had not mixed, and "
+                  "widen the grid towards smaller learning rates where they "
+                  "failed.")
     nested = tuple(tuple(tuple(results[np.ravel_multi_index((i, j, k), shape)]
                                for k in range(shape[2]))
                          for j in range(shape[1]))
@@ -391,5 +418,6 @@ def _tabulate(results, shape, lrs, nbs, locs, default_nb) -> CalibrationResult:
         learning_rates=lrs, nbetas=nbs, localizations=locs, results=nested,
         llc_mean=llc_mean, llc_std=grid_of(lambda r: r.llc_std), mcse=mcse,
         rhat=grid_of(lambda r: r.rhat), ess_bulk=grid_of(lambda r: r.ess_bulk),
-        mala_acceptance=mala, num_failed=num_failed, llc_in_range=in_range,
+        ess_tail=grid_of(lambda r: r.ess_tail), mala_acceptance=mala,
+        num_failed=num_failed, llc_in_range=in_range, qualifies=qualifies,
         recommended=recommended, reason=reason)
