@@ -100,7 +100,8 @@ def _minibatch_regression(noise_variance):
     truth = d_out * stationary_llc(precisions, lr)
     data = (jnp.asarray(x), jnp.asarray(x @ w_true))
     result = so.estimate_llc(
-        linreg_loss, jnp.asarray(w_true), data, key=0, learning_rate=lr, nbeta=nbeta, num_chains=8, num_draws=10000,
+        linreg_loss, jnp.asarray(w_true), data, key=0, learning_rate=lr,
+        nbeta=nbeta, num_chains=8, num_draws=10000,
         num_burnin_steps=300, batch_size=200, progress=False,
         noise_level=math.sqrt(noise_variance))
     return result, truth
