@@ -1,5 +1,11 @@
 """Tests for the LLC over a checkpoint series (`_src/llc/series.py`)."""
 
+import gc
+import os
+import re
+import weakref
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -123,6 +129,8 @@ def test_bad_arguments(tmp_path):
     other = {"Dense_0": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}}
     with pytest.raises(ValueError, match=r"checkpoints\[1\]"):
         so.estimate_llc_series(_loss, [cks[0], other], data, **KWARGS)
+    with pytest.raises(ValueError, match="num_chains"):
+        so.estimate_llc_series(_loss, cks, data, **dict(KWARGS, num_chains=0))
     with pytest.raises(ValueError, match="not an orbax checkpoint"):
         so.estimate_llc_series(_loss, [tmp_path], data, like=cks[0],
                                **KWARGS)
@@ -220,3 +228,171 @@ def test_directory_that_is_not_an_orbax_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="holds 2: ema, params"):
         so.estimate_llc_series(_loss, [tmp_path / "two" / "0"], data,
                                **KWARGS)
+
+
+def _record(monkeypatch, events):
+    """Records, in `events`, each checkpoint file loaded and each run (of a
+    group, or of estimate_llc with a loader): its number of checkpoints and
+    the files whose loaded params are still alive then."""
+    real_load, real_series = series_lib._load, series_lib._series
+    real_estimate = series_lib.api.estimate_llc
+    loaded = []
+
+    def alive():
+        gc.collect()
+        return [name for name, refs in loaded
+                if any(r() is not None for r in refs)]
+
+    def load(checkpoint, like, rules):
+        params = real_load(checkpoint, like, rules)
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            return params  # a pytree, used as it is
+        name = os.path.basename(checkpoint)
+        loaded.append((name, [weakref.ref(x)
+                              for x in jax.tree_util.tree_leaves(params)]))
+        events.append(("load", name))
+        return params
+
+    def series(*args, **kwargs):
+        size = jax.tree_util.tree_leaves(args[3])[0].shape[0]
+        events.append(("run", size, alive()))
+        return real_series(*args, **kwargs)
+
+    def estimate(*args, **kwargs):
+        events.append(("run", 1, alive()))
+        return real_estimate(*args, **kwargs)
+
+    monkeypatch.setattr(series_lib, "_load", load)
+    monkeypatch.setattr(series_lib, "_series", series)
+    monkeypatch.setattr(series_lib.api, "estimate_llc", estimate)
+    return alive
+
+
+@pytest.mark.parametrize("group_size, expected", [
+    (1, [("load", "step0"), ("run", 1, ["step0"]),
+         ("load", "step1"), ("run", 1, ["step1"]),
+         ("load", "step2"), ("run", 1, ["step2"])]),
+    # The last group is padded to the group size.
+    (2, [("load", "step0"), ("load", "step1"), ("run", 2, ["step0", "step1"]),
+         ("load", "step2"), ("run", 2, ["step2"])]),
+])
+def test_checkpoint_files_are_loaded_per_group_and_released(
+        tmp_path, monkeypatch, group_size, expected):
+    """Each group's files are loaded right before it runs, and no params of
+    a finished group are alive when the next one runs, nor at the end."""
+    data = _problem(seed=12)
+    cks = _checkpoints(3, seed=13)
+    paths = _save_orbax("standard", cks, tmp_path)
+    from_trees = so.estimate_llc_series(_loss, cks, data,
+                                        group_size=group_size, **KWARGS)
+    events = []
+    alive = _record(monkeypatch, events)
+    from_files = so.estimate_llc_series(_loss, paths, data, like=cks[0],
+                                        group_size=group_size, **KWARGS)
+    assert events == expected
+    assert alive() == []
+    np.testing.assert_array_equal(from_files.llc_mean, from_trees.llc_mean)
+
+
+def test_a_loader_loads_one_checkpoint_at_a_time(tmp_path, monkeypatch):
+    x, y = _problem(seed=14)
+
+    class Loader:
+        def __iter__(self):
+            return iter([(x[i:i + 32], y[i:i + 32])
+                         for i in range(0, 192, 32)])
+
+    cks = _checkpoints(3, seed=15)
+    paths = _save_orbax("standard", cks, tmp_path)
+    kwargs = {k: v for k, v in KWARGS.items() if k != "batch_size"}
+    events = []
+    alive = _record(monkeypatch, events)
+    series = so.estimate_llc_series(_loss, paths, Loader(), group_size=3,
+                                    **kwargs)
+    assert events == [("load", "step0"), ("run", 1, ["step0"]),
+                      ("load", "step1"), ("run", 1, ["step1"]),
+                      ("load", "step2"), ("run", 1, ["step2"])]
+    assert alive() == []
+    assert series.llc_mean.shape == (3,)
+
+
+# One checkpoint's params: a 3 x 2 kernel and a bias of 2, float32: 32
+# bytes, 64 for KWARGS's 2 chains.
+@pytest.mark.parametrize("budget, sizes", [
+    (1, [1, 1, 1]), (64, [1, 1, 1]), (128, [2, 2]), (191, [2, 2]),
+    (None, [3])])
+def test_the_default_group_size_follows_the_memory_budget(
+        monkeypatch, budget, sizes):
+    """The default group size keeps num_chains * group_size copies of the
+    params within the budget (at least 1, at most all checkpoints); every
+    checkpoint's chains stay those estimate_llc samples there."""
+    if budget is not None:
+        monkeypatch.setattr(series_lib, "GROUP_MEMORY_BUDGET", budget)
+    data = _problem()
+    cks = _checkpoints(3)
+    events = []
+    _record(monkeypatch, events)
+    series = so.estimate_llc_series(_loss, cks, data, **KWARGS)
+    assert [e[1] for e in events if e[0] == "run"] == sizes
+    for ck, result in zip(cks, series.results):
+        single = so.estimate_llc(_loss, ck, data, progress=False, **KWARGS)
+        np.testing.assert_allclose(result.loss_trace, single.loss_trace,
+                                   rtol=2e-5, atol=1e-7)
+
+
+def test_a_mismatch_names_the_leaves_and_their_shapes(tmp_path):
+    data = _problem()
+    cks = _checkpoints(2)
+    wide = {"Dense_0": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}}
+    with pytest.raises(ValueError, match=re.escape(
+            "checkpoints[1] differs from checkpoints[0] in shapes or dtypes "
+            "(['Dense_0']['bias'] is float32[3] there and float32[2] in "
+            "checkpoints[0]; ['Dense_0']['kernel'] is float32[3,3] there and "
+            "float32[3,2] in checkpoints[0])")):
+        so.estimate_llc_series(_loss, [cks[0], wide], data, **KWARGS)
+    half = {"Dense_0": {"kernel": cks[1]["Dense_0"]["kernel"],
+                        "bias": np.ones(2, np.float16)}}
+    with pytest.raises(ValueError, match=re.escape(
+            "['Dense_0']['bias'] is float16[2] there and float32[2]")):
+        so.estimate_llc_series(_loss, [cks[0], half], data, **KWARGS)
+    more = {"Dense_0": cks[1]["Dense_0"], "Dense_1": {"kernel": jnp.ones(2)}}
+    with pytest.raises(ValueError, match=re.escape(
+            "checkpoints[1] differs from checkpoints[0] in structure "
+            "(leaves only in checkpoints[1]: ['Dense_1']['kernel'])")):
+        so.estimate_llc_series(_loss, [cks[0], more], data, **KWARGS)
+    with pytest.raises(ValueError, match=re.escape(
+            "(leaves only in checkpoints[0]: ['Dense_1']['kernel'])")):
+        so.estimate_llc_series(_loss, [more, cks[0]], data, **KWARGS)
+    # A file is checked when it is loaded, and named.
+    paths = _save_orbax("standard", [cks[0], cks[1], wide], tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoints\[2\] \('.*step2'\) "
+                       r"differs .*\['Dense_0'\]\['bias'\] is float32\[3\]"):
+        so.estimate_llc_series(_loss, paths, data, group_size=1, **KWARGS)
+
+
+def test_diagnostics_and_table():
+    data = _problem(seed=16)
+    cks = _checkpoints(3, seed=17)
+    series = so.estimate_llc_series(_loss, cks, data, steps=[5, 50, 500],
+                                    **KWARGS)
+    for name in ("rhat", "ess_bulk", "ess_tail"):
+        values = getattr(series, name)
+        assert values.dtype == np.float64 and values.shape == (3,)
+        np.testing.assert_array_equal(
+            values, [getattr(r, name) for r in series.results])
+    lines = series.table().splitlines()
+    assert len(lines) == 2 + 3
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head == ["step", "llc", "std", "mcse", "rhat", "ess_bulk",
+                    "L_n(w*)", "failed", "verdict"]
+    assert set(lines[1]) == {"|", "-", ":"}
+    for step, line, result in zip([5, 50, 500], lines[2:], series.results):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == len(head)
+        assert float(cells[0]) == step
+        assert float(cells[1]) == pytest.approx(result.llc_mean, rel=1e-3)
+        assert float(cells[4]) == pytest.approx(result.rhat, abs=1e-3)
+        assert float(cells[5]) == pytest.approx(result.ess_bulk, abs=0.05)
+        assert float(cells[6]) == pytest.approx(result.init_loss, rel=1e-3)
+        assert int(cells[7]) == int(result.diverged.sum())
+        assert cells[8] == ("pass" if result.trustworthy else "fail")
