@@ -6,6 +6,7 @@ from sgld_optax._src.diagnostics import mcse_mean
 from sgld_optax._src.diagnostics import split_rhat
 from sgld_optax._src.llc.calibrate import CalibrationResult
 from sgld_optax._src.llc.calibrate import calibrate_llc
+from sgld_optax._src.llc.result import Check
 from sgld_optax._src.llc.result import LLCResult
 from sgld_optax._src.llc.series import LLCSeriesResult
 from sgld_optax._src.llc.series import estimate_llc_series
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "CalibrationResult",
+    "Check",
     "CountSketch",
     "GaussianPrior",
     "LLCResult",

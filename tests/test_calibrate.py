@@ -97,7 +97,7 @@ def _fake(mean, mcse=0.01, failed=0, in_range=True, mala=None, rhat_ok=True,
         ess_tail=100.0,
         diverged=np.asarray([True] * failed + [False] * (2 - failed)),
         mala_acceptance=None if mala is None else np.full((2, 5), mala),
-        checks=tuple(checks))
+        mala_acceptance_mean=mala, checks=tuple(checks))
 
 
 def test_recommendation_rule():

@@ -340,6 +340,7 @@ def test_verdict_lists_each_check():
     mala_mean = float(np.mean(result.mala_acceptance, dtype=np.float64))
     assert checks["MALA acceptance"].value == pytest.approx(mala_mean,
                                                             rel=1e-12)
+    assert result.mala_acceptance_mean == checks["MALA acceptance"].value
     # A well-tuned run: every check passes.
     assert all(c.passed for c in result.checks) and result.trustworthy
     text = result.summary()

@@ -366,9 +366,8 @@ def _tabulate(results, shape, lrs, nbs, locs, default_nb) -> CalibrationResult:
     def grid_of(f, dtype=np.float64):
         return np.asarray([f(r) for r in results], dtype).reshape(shape)
 
-    mala = grid_of(lambda r: np.nan if r.mala_acceptance is None
-                   else np.nanmean(r.mala_acceptance[~r.diverged])
-                   if (~r.diverged).any() else np.nan)
+    mala = grid_of(lambda r: np.nan if r.mala_acceptance_mean is None
+                   else r.mala_acceptance_mean)
     num_failed = grid_of(lambda r: int(np.sum(r.diverged)), np.int64)
     llc_mean = grid_of(lambda r: r.llc_mean)
     mcse = grid_of(lambda r: r.mcse)

@@ -113,6 +113,15 @@ class LLCResult(NamedTuple):
         return bool(self.checks) and all(c.passed for c in self.checks)
 
     @property
+    def mala_acceptance_mean(self) -> Optional[float]:
+        """The mean of `mala_acceptance` over the draws of the chains that
+        did not fail (NaN if none has a finite one), or `None` when it was
+        not recorded; the value the verdict's MALA check compares."""
+        if self.mala_acceptance is None:
+            return None
+        return _mala_mean(self.mala_acceptance, ~np.asarray(self.diverged))
+
+    @property
     def num_chains(self) -> int:
         """Number of chains."""
         return int(self.loss_trace.shape[0])
@@ -155,8 +164,8 @@ class LLCResult(NamedTuple):
             f"{self.ess_bulk:.1f}, tail = {self.ess_tail:.1f}",
         ]
         if self.mala_acceptance is not None:
-            mean = _mala_mean(self.mala_acceptance, ok)
-            lines.append(f"MALA acceptance: mean {mean:.3f}")
+            lines.append(
+                f"MALA acceptance: mean {self.mala_acceptance_mean:.3f}")
         bad = np.flatnonzero(~ok).tolist()
         if bad:
             lines.append("diverged chains: " + "; ".join(
