@@ -1069,3 +1069,38 @@ def test_state_with_extra_priors_is_refused():
     state = tx.init(params)
     with pytest.raises(ValueError, match="priors="):
         ti.sgld_state_to_torch(state, tx, module=lin)
+
+
+def test_nnx_state_as_like_and_as_params():
+    """An nnx.State as `like` gives an nnx.State the model loads, with the
+    torch model's outputs; params_to_torch reads it back bitwise."""
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(4, 8, rngs=rngs)
+            self.fc2 = nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc2(jnp.tanh(self.fc1(x)))
+
+    torch.manual_seed(0)
+    tmodel = torch.nn.Sequential()
+    tmodel.fc1 = torch.nn.Linear(4, 8)
+    tmodel.act = torch.nn.Tanh()
+    tmodel.fc2 = torch.nn.Linear(8, 3)
+    model = MLP(nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    before = np.asarray(state["fc1"]["kernel"][...])
+    params = ti.params_from_torch(tmodel, like=state)
+    assert isinstance(params, nnx.State)
+    # The template (the model's own Variables) is untouched.
+    np.testing.assert_array_equal(state["fc1"]["kernel"][...], before)
+    nnx.update(model, params)
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    want = tmodel(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), want,
+                               rtol=1e-5, atol=1e-6)
+    back = ti.params_to_torch(params, like=tmodel)
+    for name, tensor in tmodel.state_dict().items():
+        assert torch.equal(back[name], tensor), name

@@ -81,6 +81,12 @@ def _is_module(x) -> bool:
     return torch is not None and isinstance(x, torch.nn.Module)
 
 
+def _is_nnx_state(x) -> bool:
+    """Whether `x` is a `flax.nnx.State` (leaves wrapped in Variables)."""
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(x, nnx.State)
+
+
 def _tensor_to_numpy(t, name: str) -> np.ndarray:
     """A C-contiguous NumPy copy of a torch tensor, bit for bit."""
     torch = _loaded_torch()
@@ -336,7 +342,10 @@ def params_from_torch(state_dict_or_path: Union[PathLike, Mapping[str, Any], Any
         in the file) or to a `.safetensors` file (read without torch). The
         format is recognised from the file's contents.
       like: optional Flax params or variables whose structure and shapes the
-        result must have.
+        result must have; or a `flax.nnx.State` (e.g. `nnx.state(model,
+        nnx.Param)`), read through `nnx.to_pure_dict`, in which case the
+        result is a new `nnx.State` like it (`nnx.update(model, result)`
+        loads it).
       rules: optional sequence of `Rule`s, tried in order before the
         conventions.
       device: optional `jax.Device` or `jax.sharding.Sharding` (or a
@@ -370,6 +379,14 @@ def params_from_torch(state_dict_or_path: Union[PathLike, Mapping[str, Any], Any
       ...     lin.state_dict(), like=like,
       ...     rules=[torch_interop.Rule(r"weight", "kernel", "transpose")])
     """
+    if _is_nnx_state(like):
+        from flax import nnx
+        pure = params_from_torch(state_dict_or_path,
+                                 like=nnx.to_pure_dict(like), rules=rules,
+                                 device=device)
+        state = jax.tree.map(lambda x: x, like)  # new Variables, same tree
+        nnx.replace_by_pure_dict(state, pure)
+        return state
     kinds = (_module_kinds(state_dict_or_path)
              if _is_module(state_dict_or_path) else None)
     sd = _source_to_numpy(state_dict_or_path)
@@ -448,7 +465,8 @@ def params_to_torch(params: PyTree, *,
 
     Args:
       params: Flax params, or variables `{"params": ..., "batch_stats":
-        ...}`, of JAX or NumPy arrays.
+        ...}`, of JAX or NumPy arrays; or a `flax.nnx.State`, read through
+        `nnx.to_pure_dict`.
       like: optional `torch.nn.Module`, torch state dict, or checkpoint
         path giving the target names, shapes and dtypes.
       rules: optional sequence of `Rule`s, the same as given to
@@ -472,6 +490,9 @@ def params_to_torch(params: PyTree, *,
       <All keys matched successfully>
     """
     _require_torch("params_to_torch")
+    if _is_nnx_state(params):
+        from flax import nnx
+        params = nnx.to_pure_dict(params)
     sd = _flax_to_state_dict_like(params, like, rules)
     return collections.OrderedDict(
         (name, _numpy_to_tensor(arr)) for name, arr in sd.items())
