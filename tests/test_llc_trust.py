@@ -189,6 +189,14 @@ def test_a_loss_that_is_not_finite_on_finite_data_is_located(monkeypatch):
             r"is -inf: the loss on rows 32 to 63 of data.*"
             r"loss_fn itself gives a non-finite value")):
         so.estimate_llc(log_loss, SMALL_W, (x, y), **SMALL)
+    # A token id beyond the embedding: JAX's gather gives NaN, not an error.
+    ids = np.random.default_rng(0).integers(0, 8, (64, 10))
+    ids[3, 4] = 13
+    lm_loss = so.causal_lm_loss(lambda table, tokens: table[tokens])
+    with pytest.raises(ValueError, match=r"rows 0 to 7 of data.*token id "
+                       r"not below the vocabulary size"):
+        so.estimate_llc(lm_loss, jnp.zeros((8, 8)), so.token_data(ids),
+                        **{**SMALL, "batch_size": 8})
     with pytest.raises(ValueError, match=r"params has non-finite values in "
                        r"\['b'\]"):
         so.estimate_llc(

@@ -219,8 +219,10 @@ def nonfinite_init_loss_error(init_loss, *, params, where: str,
         cause = "; ".join(causes) + "."
     else:
         cause = ("the data and params are finite, so loss_fn itself gives a "
-                 "non-finite value there (a log of 0, a division by 0 or an "
-                 "overflow).")
+                 "non-finite value there (a log of 0, a division by 0, an "
+                 "overflow, or an index out of range, such as a token id "
+                 "not below the vocabulary size: JAX fills out-of-range "
+                 "gathers with NaN instead of raising).")
     return ValueError(
         f"L_n(w*), the mean loss over the data at params, is {init_loss}: "
         f"the loss on {where} is not finite, and {cause} Nothing was "
