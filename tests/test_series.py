@@ -94,14 +94,19 @@ def test_checkpoint_files(tmp_path, suffix):
     np.testing.assert_array_equal(from_files.llc_mean, from_trees.llc_mean)
 
 
-def test_a_loader_runs_the_checkpoints_one_after_another():
-    x, y = _problem(seed=6)
+def _loader(x, y):
+    """A loader class over the first 192 rows of `(x, y)`, in batches of 32."""
 
     class Loader:
         def __iter__(self):
             return iter([(x[i:i + 32], y[i:i + 32])
                          for i in range(0, 192, 32)])
 
+    return Loader
+
+
+def test_a_loader_runs_the_checkpoints_one_after_another():
+    Loader = _loader(*_problem(seed=6))
     cks = _checkpoints(2, seed=7)
     kwargs = {k: v for k, v in KWARGS.items() if k != "batch_size"}
     series = so.estimate_llc_series(_loss, cks, Loader(), **kwargs)
@@ -295,13 +300,7 @@ def test_checkpoint_files_are_loaded_per_group_and_released(
 
 
 def test_a_loader_loads_one_checkpoint_at_a_time(tmp_path, monkeypatch):
-    x, y = _problem(seed=14)
-
-    class Loader:
-        def __iter__(self):
-            return iter([(x[i:i + 32], y[i:i + 32])
-                         for i in range(0, 192, 32)])
-
+    Loader = _loader(*_problem(seed=14))
     cks = _checkpoints(3, seed=15)
     paths = _save_orbax("standard", cks, tmp_path)
     kwargs = {k: v for k, v in KWARGS.items() if k != "batch_size"}
