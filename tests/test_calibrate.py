@@ -101,9 +101,9 @@ def _fake(mean, mcse=0.01, failed=0, in_range=True, mala=None, rhat_ok=True,
 
 
 def test_recommendation_rule():
-    """The largest step size whose estimate passes the verdict and agrees
-    with the next smaller one; ties go to the nbeta closest to the
-    default."""
+    """At the nbeta closest to the default that has one, the largest step
+    size whose estimate passes the verdict and agrees with the next smaller
+    one."""
     lrs = np.asarray([1e-5, 1e-4, 1e-3, 1e-2])
     nbs = np.asarray([5.0, 50.0])
     locs = np.asarray([1.0])
@@ -138,6 +138,11 @@ def test_recommendation_rule():
     # A failed MALA check disqualifies a point.
     rows[2, 0] = _fake(1.02, mala=0.3)
     assert recommend().recommended == (1e-4, 5.0, 1.0)
+    # The nbeta nearest the default comes before the step size: lr 1e-4
+    # at nbeta 50 over lr 1e-3 at nbeta 5.
+    rows[2, 0] = _fake(1.02)
+    rows[0, 1], rows[1, 1] = _fake(0.9), _fake(0.9)
+    assert recommend().recommended == (1e-4, 50.0, 1.0)
     # Nothing sound: no recommendation; the reason counts each failure.
     results = [_fake(1.0, in_range=False, rhat_ok=i % 2 == 0)
                for i in range(8)]

@@ -238,9 +238,10 @@ def calibrate_llc(
 
     A too-large step biases the estimate and a too-small one mixes slowly;
     the largest stable step mixes best at little bias. Among the
-    qualifying points the recommendation is the one with the largest
-    learning rate, then the nbeta closest (in log) to
-    `default_nbeta(batch_size)`, then the smallest localization. The
+    qualifying points the recommendation is the one with the nbeta closest
+    (in log) to `default_nbeta(batch_size)` (nbeta sets the temperature,
+    and so what is estimated, rather than how well it is sampled), then
+    the largest learning rate, then the smallest localization. The
     smallest step size of a line has no smaller neighbour and never
     qualifies. When no point qualifies, `reason` counts the points that
     failed each check; short runs fail R-hat and ESS (raise `num_draws`,
@@ -389,13 +390,15 @@ def _tabulate(results, shape, lrs, nbs, locs, default_nb) -> CalibrationResult:
     if qualifies.any():
         cand = [(i, j, k) for (i, j, k) in zip(*np.nonzero(qualifies))]
         i, j, k = min(cand, key=lambda c: (
-            -lrs[c[0]], abs(math.log(nbs[c[1]] / default_nb)), locs[c[2]]))
+            abs(math.log(nbs[c[1]] / default_nb)), -lrs[c[0]], locs[c[2]]))
         recommended = (float(lrs[i]), float(nbs[j]), float(locs[k]))
         reason = (
             f"learning_rate={lrs[i]:.3g}, nbeta={nbs[j]:.4g}, "
-            f"localization={locs[k]:.3g}: the largest step size whose "
-            f"estimate ({llc_mean[i, j, k]:.4g}) passes every check of the "
-            "verdict and agrees with the next smaller step size's.")
+            f"localization={locs[k]:.3g}: at the nbeta nearest the default "
+            f"({default_nb:.4g}) with a qualifying point, the largest step "
+            f"size whose estimate ({llc_mean[i, j, k]:.4g}) passes every "
+            "check of the verdict and agrees with the next smaller step "
+            "size's.")
     else:
         failed = {}
         for r in results:
