@@ -9,9 +9,11 @@
    chain (each token has a few likely successors), saving a series of
    checkpoints as PyTorch ``.safetensors`` files, which
    ``GPT2LMHeadModel.load_state_dict`` (or devinterp) reads.
-3. Read each checkpoint back and estimate its local learning coefficient
-   with ``so.estimate_llc(so.causal_lm_loss(apply_fn), ...)`` on the
-   training sequences, in minibatches of 8 sequences of 64 tokens.
+3. Estimate the local learning coefficient at every checkpoint with one
+   ``so.estimate_llc_series(so.causal_lm_loss(apply_fn), paths, ...,
+   like=..., rules=gpt2_rules())`` call, which reads the files back and
+   samples the chains of the checkpoints together in one compiled program,
+   on the training sequences, in minibatches of 8 sequences of 64 tokens.
 4. Plot the training loss and the LLC against the training step.
 
     python examples/gpt2_llc.py                     # about 30 s on 2 CPU cores
@@ -241,26 +243,33 @@ LLC = dict(nbeta=1000.0, learning_rate=1e-4, localization=1000.0,
            batch_size=8, num_burnin_steps=0)
 
 
-def plot_series(path, train_losses, entropy, steps, results, title):
+def plot_series(path, train_losses, entropy, series, title):
+    """The training loss with $L_n(w^*)$ at each checkpoint, and the LLC
+    (mean and one std over chains; hollow where a check failed) against
+    the training step: `series.plot()` with the training loss beside it."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     ax_loss, ax_llc = fig.subplots(1, 2)
+    x = np.maximum(series.steps, 1)  # step 0 on a log axis
     ax_loss.plot(np.arange(1, len(train_losses) + 1), train_losses, lw=0.8,
                  color="0.3", label="training minibatch loss")
     ax_loss.axhline(entropy, ls="--", color="C2", lw=1,
                     label=f"entropy rate {entropy:.3f}")
-    for s, r in zip(steps, results):
-        ax_loss.plot(max(s, 1), r.init_loss, "o", color="C0", ms=4)
-    ax_loss.plot([], [], "o", color="C0", ms=4, label="checkpoints, $L_n(w^*)$")
+    ax_loss.plot(x, series.init_loss, "o", color="C0", ms=4,
+                 label="checkpoints, $L_n(w^*)$")
     ax_loss.set(xscale="log", xlabel="training step", ylabel="loss (nats/token)")
     ax_loss.legend(fontsize=8)
-    means = np.array([r.llc_mean for r in results])
-    stds = np.array([r.llc_std for r in results])
-    x = np.maximum(np.asarray(steps), 1)
-    ax_llc.errorbar(x, means, yerr=stds, fmt="o-", capsize=3, color="C0")
+    ax_llc.errorbar(x, series.llc_mean, yerr=series.llc_std, fmt="-",
+                    capsize=3, color="C0")
+    ok = series.trustworthy
+    ax_llc.plot(x[ok], series.llc_mean[ok], "o", color="C0")
+    ax_llc.plot(x[~ok], series.llc_mean[~ok], "o", mfc="none", color="C3",
+                label="a check failed")
     ax_llc.set(xscale="log", xlabel="training step",
                ylabel=r"$\hat\lambda$ (mean $\pm$ std over chains)")
+    if not ok.all():
+        ax_llc.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
 
@@ -269,14 +278,20 @@ def main(train_steps: int = 300, checkpoints: int = 4, num_chains: int = 4,
          num_draws: int = 200, num_sequences: int = 512, seq_len: int = 64,
          n_embd: int = 32, n_layer: int = 2, seed: int = 0,
          out_dir: str = "gpt2_llc_checkpoints",
-         plot: Optional[str] = "gpt2_llc.png", progress: bool = False) -> dict:
+         plot: Optional[str] = "gpt2_llc.png",
+         group_size: Optional[int] = None) -> dict:
     """Runs the four steps above; returns what they found.
+
+    `group_size` checkpoints are sampled together; by default
+    `so.estimate_llc_series` chooses as many as its memory budget allows
+    (all of them for models this small), and fewer bound the memory.
 
     Returns:
       A dict with `"logits_max_diff"` (torch against Flax, step 1),
       `"num_params"`, `"entropy"` (the task's entropy rate),
-      `"train_losses"`, `"steps"` and `"paths"` of the checkpoints, and
-      `"results"`, one `LLCResult` per checkpoint.
+      `"train_losses"`, `"steps"` and `"paths"` of the checkpoints,
+      `"series"`, the `LLCSeriesResult`, and `"results"`, its `LLCResult`
+      per checkpoint.
     """
     import torch
 
@@ -325,36 +340,37 @@ def main(train_steps: int = 300, checkpoints: int = 4, num_chains: int = 4,
         paths.append(path)
     print(f"   saved {len(paths)} checkpoints (steps {steps}) in {out}/")
 
-    # 3. The LLC of each checkpoint, read back from its file.
+    # 3. The LLC at every checkpoint, read back from its file; the
+    # checkpoints' chains run together, each checkpoint's as estimate_llc
+    # would run them there with the same key.
     print(f"3. LLC: SGLD, {num_chains} chains x {num_draws} draws, batches of "
           f"{LLC['batch_size']} x {seq_len} tokens, nbeta={LLC['nbeta']:g}, "
           f"lr={LLC['learning_rate']:g}, localization={LLC['localization']:g}")
-    results = []
-    for s, path in zip(steps, paths):
-        start = time.perf_counter()
-        checkpoint = torch_interop.params_from_torch(path, like=like,
-                                                     rules=rules)
-        result = so.estimate_llc(loss_fn, checkpoint, data, key=seed + s,
-                                 num_chains=num_chains,
-                                 num_draws=num_draws, progress=progress,
-                                 **LLC)
-        results.append(result)
+    start = time.perf_counter()
+    series = so.estimate_llc_series(
+        loss_fn, paths, data, steps=steps, like=like, rules=rules,
+        group_size=group_size, key=seed, num_chains=num_chains,
+        num_draws=num_draws, **LLC)
+    elapsed = time.perf_counter() - start
+    for s, result in zip(steps, series.results):
         failed = [c.name for c in result.checks if not c.passed]
         print(f"   step {s:5d}: L_n = {result.init_loss:.3f}, LLC = "
-              f"{result.llc_mean:7.2f} +- {result.llc_std:5.2f}, "
+              f"{result.llc_mean:7.2f} +- {result.llc_std:5.2f} "
+              f"(MCSE {result.mcse:.2f}), "
               + (f"checks failed: {', '.join(failed)}" if failed
-                 else "all checks pass")
-              + f"  [{time.perf_counter() - start:.1f}s]")
-    print(f"   (a regular model with {d} parameters would have LLC {d / 2:g})")
+                 else "all checks pass"))
+    print(f"   {len(paths)} checkpoints in {elapsed:.1f}s, compilation "
+          f"included; a regular model with {d} parameters would have LLC "
+          f"{d / 2:g}")
 
     # 4. The plot.
     if plot:
-        plot_series(plot, train_losses, entropy, steps, results,
+        plot_series(plot, train_losses, entropy, series,
                     f"GPT-2, {d} parameters, on a Markov chain's sequences")
         print(f"4. wrote {plot}")
     return dict(logits_max_diff=logits_diff, num_params=d, entropy=entropy,
                 train_losses=train_losses, steps=steps, paths=paths,
-                results=results)
+                series=series, results=series.results)
 
 
 if __name__ == "__main__":
@@ -370,6 +386,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="gpt2_llc_checkpoints")
     parser.add_argument("--plot", default="gpt2_llc.png")
-    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="checkpoints sampled together (default: as "
+                        "many as so.estimate_llc_series's memory budget "
+                        "allows)")
     args = parser.parse_args()
     main(**{k.replace("-", "_"): v for k, v in vars(args).items()})

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sgld_optax as so
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 LR = 1e-4                      # quickstart's learning rate
@@ -63,8 +65,10 @@ def test_quickstart_rmsprop_sgld_preconditions_the_noise(capsys):
 
 def test_gpt2_llc_example(tmp_path, capsys):
     """The GPT-2 example, small: the HF model's logits in Flax, checkpoints
-    that GPT2LMHeadModel loads with the logits of the params saved, and a
-    finite, positive LLC below d / 2 with no failed chain at each."""
+    that GPT2LMHeadModel loads with the logits of the params saved, a
+    finite, positive LLC below d / 2 with no failed chain at each, and the
+    series' estimate at a checkpoint file the one `estimate_llc` gives on
+    the params read from it, with the same key."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from safetensors.torch import load_file
@@ -79,6 +83,12 @@ def test_gpt2_llc_example(tmp_path, capsys):
         assert f"\n{step} " in "\n" + printed
     assert out["logits_max_diff"] < 1e-5
     assert out["steps"] == [60, 120] and len(out["results"]) == 2
+    series = out["series"]
+    np.testing.assert_array_equal(series.steps, [60, 120])
+    assert out["results"] == series.results
+    for step, result in zip((60, 120), series.results):
+        assert f"step {step:5d}: L_n = {result.init_loss:.3f}, LLC = " \
+            f"{result.llc_mean:7.2f}" in printed
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out["train_losses"][-1] < out["train_losses"][0] - 0.5
 
@@ -99,3 +109,84 @@ def test_gpt2_llc_example(tmp_path, capsys):
             rules=example.torch_interop.gpt2_rules())
         np.testing.assert_allclose(apply_fn(params, ids), want, atol=1e-5,
                                    rtol=1e-5)
+
+    # The series' last checkpoint against estimate_llc there, same key.
+    tokens, _ = example.markov_sequences(96, 32, config.vocab_size, seed=0)
+    single = so.estimate_llc(
+        so.causal_lm_loss(example.make_apply(config)), params,
+        so.token_data(tokens), key=0, num_chains=2, num_draws=40,
+        progress=False, **example.LLC)
+    last = series.results[-1]
+    np.testing.assert_allclose(last.loss_trace, single.loss_trace, rtol=2e-5,
+                               atol=1e-7)
+    assert last.init_loss == pytest.approx(single.init_loss, rel=1e-6)
+    assert series.llc_mean[-1] == pytest.approx(single.llc_mean, rel=1e-4)
+
+
+@pytest.mark.parametrize("size", ["short", "mixed"])
+def test_calibrate_mlp_example(tmp_path, capsys, size):
+    """The calibration example, small: one table row per grid point, a grid
+    point's chains those `estimate_llc` samples with the same key and
+    settings, and the final estimate (when a point is recommended) the
+    `estimate_llc` run at the recommended setting, exported to ArviZ.
+
+    The short sweep's chains cannot have mixed; the longer one's may, and
+    then a point is recommended (which one is not asserted)."""
+    pytest.importorskip("arviz")
+    example = _load("calibrate_mlp")
+    kwargs = dict(
+        short=dict(train_steps=300, n=256, num_draws=60, num_burnin_steps=10,
+                   final_draws=60, learning_rates=(3e-4, 1e-3),
+                   nbetas=(20.0, 50.0)),
+        mixed=dict(num_draws=2000, num_burnin_steps=300, final_draws=300,
+                   learning_rates=(2e-3, 4e-3), nbetas=(30.0, 90.0)),
+    )[size]
+    plot = tmp_path / "calibration.png"
+    out = example.main(plot=str(plot), **kwargs)
+    printed = capsys.readouterr().out
+    cal = out["calibration"]
+    lrs, nbs = kwargs["learning_rates"], kwargs["nbetas"]
+    np.testing.assert_allclose(cal.learning_rates, lrs)
+    np.testing.assert_allclose(cal.nbetas, nbs)
+    np.testing.assert_allclose(cal.localizations, [example.LOCALIZATION])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The table, printed: a header, one row per grid point, the reason.
+    table = cal.table().splitlines()
+    assert cal.table() in printed and cal.reason in printed
+    assert len(table) == 1 + len(lrs) * len(nbs) + 1
+    for row, (lr, nb) in zip(table[1:-1], [(a, b) for a in lrs for b in nbs]):
+        assert row.lstrip("* ").split()[:2] == [f"{lr:.3g}", f"{nb:.3g}"]
+
+    # A grid point: the chains estimate_llc samples with the same settings.
+    common = dict(localization=example.LOCALIZATION, num_chains=4,
+                  num_burnin_steps=kwargs["num_burnin_steps"], batch_size=64,
+                  mala=True, progress=False)
+    single = so.estimate_llc(out["loss_fn"], out["params"], out["data"],
+                             learning_rate=lrs[1], nbeta=nbs[0], key=0,
+                             num_draws=kwargs["num_draws"], **common)
+    point = cal.results[1][0][0]
+    np.testing.assert_allclose(point.loss_trace, single.loss_trace,
+                               rtol=2e-5, atol=1e-7)
+    assert cal.llc_mean[1, 0, 0] == pytest.approx(single.llc_mean, rel=1e-4)
+
+    final = out["final"]
+    if cal.recommended is None:
+        assert final is None and out["idata"] is None
+        assert "no setting is recommended" in printed
+        return
+    # The final estimate: estimate_llc at the recommended setting, key 1.
+    lr, nbeta, loc = cal.recommended
+    assert loc == example.LOCALIZATION and (lr, nbeta) in [
+        (a, b) for a in lrs for b in nbs]
+    want = so.estimate_llc(
+        out["loss_fn"], out["params"], out["data"], learning_rate=lr,
+        nbeta=nbeta, key=1, num_draws=kwargs["final_draws"], **common)
+    np.testing.assert_array_equal(final.loss_trace, want.loss_trace)
+    np.testing.assert_array_equal(final.mala_acceptance, want.mala_acceptance)
+    assert final.summary() in printed
+    posterior = out["idata"].posterior
+    assert posterior["llc"].shape == (4, kwargs["final_draws"])
+    assert float(posterior["llc"].mean()) == pytest.approx(final.llc_mean,
+                                                           rel=1e-6)
+    assert "sample_stats" in out["idata"].groups()
