@@ -9,8 +9,8 @@ warm ``so.estimate_llc`` call per point, in the same process:
 ``so.estimate_llc_series`` over 8 checkpoints (the teacher's weights
 scaled), each 4 chains x 500 draws per point. Beside them, the floor any
 sweep pays: the same number of the MLP's gradients on batches of the same
-size, every chain in one ``lax.scan`` with nothing else (no noise, prior or
-checks). Each side is run once to compile, then timed (median of
+size, chain ``i`` of every point on the same batches as in the sweeps, all
+in one ``lax.scan`` with nothing else (no noise, prior or checks). Each side is run once to compile, then timed (median of
 ``--repeats`` runs). Prints a table with the ratios and the machine; no
 figures are written.
 """
@@ -78,26 +78,30 @@ def main(argv=None):
         for ck in checkpoints:
             so.estimate_llc(bl.mlp_loss, ck, data, progress=False, **single)
 
-    def gradients_only(num_chains):
-        """``num_chains`` chains of ``draws`` plain gradient steps."""
+    def gradients_only(num_points):
+        """``num_points`` x ``chains`` chains of ``draws`` plain gradient
+        steps; chain ``i`` of every point reads the same batches, as in the
+        sweeps."""
         import jax
 
         xs, ys = jnp.asarray(x), jnp.asarray(y)
+        grad = jax.vmap(jax.value_and_grad(bl.mlp_loss))  # over chains
 
         @jax.jit
         def run(params, key):
-            chains = jax.tree.map(
-                lambda a: jnp.broadcast_to(a, (num_chains,) + a.shape), params)
+            points = jax.tree.map(
+                lambda a: jnp.broadcast_to(a, (num_points, chains) + a.shape),
+                params)
 
-            def step(chains, t):
+            def step(points, t):
                 index = jax.random.randint(jax.random.fold_in(key, t),
-                                           (num_chains, batch), 0, n)
-                loss, grads = jax.vmap(jax.value_and_grad(bl.mlp_loss))(
-                    chains, (xs[index], ys[index]))
-                chains = jax.tree.map(lambda w, g: w - 1e-6 * g, chains, grads)
-                return chains, loss
+                                           (chains, batch), 0, n)
+                loss, grads = jax.vmap(grad, in_axes=(0, None))(
+                    points, (xs[index], ys[index]))
+                points = jax.tree.map(lambda w, g: w - 1e-6 * g, points, grads)
+                return points, loss
 
-            return lax.scan(step, chains, jnp.arange(draws))[1]
+            return lax.scan(step, points, jnp.arange(draws))[1]
 
         return lambda: run(params, jax.random.key(0)).block_until_ready()
 
@@ -107,11 +111,10 @@ def main(argv=None):
     warnings.simplefilter("ignore", RuntimeWarning)  # failed chains: expected
     times = {}
     for name, fn in (("calibrate_llc", grid), ("estimate_llc calls", calls),
-                     ("grid gradients", gradients_only(
-                         num_lr * num_nb * chains)),
+                     ("grid gradients", gradients_only(num_lr * num_nb)),
                      ("estimate_llc_series", series),
                      ("checkpoint calls", series_calls),
-                     ("series gradients", gradients_only(num_ck * chains))):
+                     ("series gradients", gradients_only(num_ck))):
         bl.log(f"{name}: compiling")
         fn()
         samples = []
