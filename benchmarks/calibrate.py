@@ -83,6 +83,7 @@ def main(argv=None):
         steps; chain ``i`` of every point reads the same batches, as in the
         sweeps."""
         import jax
+        from jax import lax
 
         xs, ys = jnp.asarray(x), jnp.asarray(y)
         grad = jax.vmap(jax.value_and_grad(bl.mlp_loss))  # over chains
@@ -104,8 +105,6 @@ def main(argv=None):
             return lax.scan(step, points, jnp.arange(draws))[1]
 
         return lambda: run(params, jax.random.key(0)).block_until_ready()
-
-    from jax import lax
 
     import warnings
     warnings.simplefilter("ignore", RuntimeWarning)  # failed chains: expected

@@ -102,8 +102,11 @@ def main(train_steps: int = 2000, num_draws: int = 4000,
     if nbetas is None:
         nbetas = [f * n / math.log(n) for f in NBETA_FACTORS]
     start = time.perf_counter()
+    # target_nbeta: the recommendation prefers the nbeta the estimate is
+    # meant for, n / log n here, over devinterp's default m / log m.
     cal = so.calibrate_llc(
         loss_fn, params, data, learning_rates=learning_rates, nbetas=nbetas,
+        target_nbeta=n / math.log(n),
         localizations=[LOCALIZATION], num_draws=num_draws,
         num_burnin_steps=num_burnin_steps, key=seed, **SWEEP)
     print(f"1. calibration: {cal.llc_mean.size} grid points x "

@@ -131,9 +131,14 @@ def test_recommendation_rule():
     # (1e-2 drifted by 0.98, far beyond 3 MCSEs and 5%).
     rows[2, 1] = _fake(0.91, ess_ok=False)
     assert recommend().recommended == (1e-3, 5.0, 1.0)
-    # A neighbour whose chains disagree (R-hat) cannot vouch for it.
+    # A neighbour out of range cannot vouch for it; one that has not
+    # mixed yet can (a smaller step mixes more slowly).
+    rows[1, 0] = _fake(1.01, in_range=False)
+    cal = recommend()
+    assert cal.recommended is None
+    assert "3 passed every check but had no smaller step size" in cal.reason
     rows[1, 0] = _fake(1.01, rhat_ok=False)
-    assert recommend().recommended is None
+    assert recommend().recommended == (1e-3, 5.0, 1.0)
     rows[1, 0] = _fake(1.01)
     # A failed MALA check disqualifies a point.
     rows[2, 0] = _fake(1.02, mala=0.3)
@@ -143,14 +148,28 @@ def test_recommendation_rule():
     rows[2, 0] = _fake(1.02)
     rows[0, 1], rows[1, 1] = _fake(0.9), _fake(0.9)
     assert recommend().recommended == (1e-4, 50.0, 1.0)
+    # An imprecise estimate (MCSE above 10% of it) agrees with anything
+    # and does not qualify.
+    rows[1, 1] = _fake(0.9, mcse=0.2)
+    cal = recommend()
+    assert cal.recommended == (1e-3, 5.0, 1.0) and not cal.qualifies[1, 1, 0]
     # Nothing sound: no recommendation; the reason counts each failure.
     results = [_fake(1.0, in_range=False, rhat_ok=i % 2 == 0)
                for i in range(8)]
     cal = cal_lib._tabulate(results, (4, 2, 1), lrs, nbs, locs, default_nb)
     assert cal.recommended is None and not cal.qualifies.any()
-    assert cal.reason.startswith("none")
-    assert "8 failed LLC range" in cal.reason
-    assert "4 failed R-hat" in cal.reason
+    assert cal.reason.startswith("none: no grid point qualifies. Of the 8 "
+                                 "points, 8 failed the LLC range check; 4 "
+                                 "failed the R-hat check.")
+    # Points whose chains failed count as that, not as their diagnostics.
+    results = [_fake(np.nan, failed=2, in_range=False, rhat_ok=False)] * 8
+    cal = cal_lib._tabulate(results, (4, 2, 1), lrs, nbs, locs, default_nb)
+    assert "Of the 8 points, 8 had failed chains" in cal.reason
+    assert "R-hat" not in cal.reason.split(". Raise")[0]
+    # One learning rate cannot give a recommendation, and says why.
+    cal = cal_lib._tabulate([_fake(1.0)] * 2, (1, 2, 1), lrs[:1], nbs, locs,
+                            default_nb)
+    assert cal.recommended is None and "one learning rate" in cal.reason
 
 
 def test_recommendation_passes_its_own_verdict():
@@ -167,7 +186,7 @@ def test_recommendation_passes_its_own_verdict():
         xb, yb = batch
         return 0.5 * jnp.mean((xb @ w - yb) ** 2)
 
-    cal = so.calibrate_llc(loss, w, (x, y), num_chains=4, num_draws=200)
+    cal = so.calibrate_llc(loss, w, (x, y), num_chains=4, num_draws=2000)
     assert cal.recommended is not None, cal.reason
     i, j, k = (int(np.flatnonzero(grid == value)[0]) for grid, value in zip(
         (cal.learning_rates, cal.nbetas, cal.localizations), cal.recommended))

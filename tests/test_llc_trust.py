@@ -537,6 +537,11 @@ def test_mala_needs_a_langevin_sampler():
         with pytest.raises(ValueError, match=r"mala=True needs a first-order "
                            r"\(Langevin\) sampler, 'sgld' or 'rmsprop_sgld'"):
             small_run(sampler=sampler, mala=True)
-    with pytest.raises(TypeError, match="mala must be a bool"):
-        small_run(mala=1)
+    for flag in (1, None):
+        with pytest.raises(TypeError, match="mala must be a bool"):
+            small_run(mala=flag)
+        with pytest.raises(TypeError, match="mala must be a bool"):
+            so.estimate_llc_series(
+                linreg_loss, [SMALL_W], SMALL_DATA, mala=flag,
+                **{k: v for k, v in SMALL.items() if k != "progress"})
     assert small_run(num_draws=10).mala_acceptance is None

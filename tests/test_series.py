@@ -139,12 +139,33 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="not an orbax checkpoint"):
         so.estimate_llc_series(_loss, [tmp_path], data, like=cks[0],
                                **KWARGS)
-    with pytest.raises(TypeError, match="like="):
+    (tmp_path / "a.pt").write_bytes(b"")
+    with pytest.raises(TypeError, match=r"checkpoints\[0\] .*a\.pt.* like="):
         so.estimate_llc_series(_loss, [tmp_path / "a.pt"], data, **KWARGS)
     with pytest.raises(TypeError, match="non-empty list"):
         so.estimate_llc_series(_loss, [], data, **KWARGS)
     with pytest.raises(ValueError, match="group_size"):
         so.estimate_llc_series(_loss, cks, data, group_size=0, **KWARGS)
+
+
+def test_paths_are_checked_before_anything_is_sampled(tmp_path,
+                                                      monkeypatch):
+    data = _problem()
+    cks = _checkpoints(2)
+    runs = []
+    original = series_lib._series
+    monkeypatch.setattr(series_lib, "_series",
+                        lambda *a, **k: runs.append(1) or original(*a, **k))
+    (tmp_path / "c.safetensors").write_bytes(b"")
+    for checkpoints, error, match in (
+            ([*cks, tmp_path / "missing.pt"], FileNotFoundError,
+             r"checkpoints\[2\] .*missing\.pt.* does not exist"),
+            ([*cks, tmp_path / "c.safetensors"], TypeError,
+             r"checkpoints\[2\] .*c\.safetensors.* is a file.*like=")):
+        with pytest.raises(error, match=match):
+            so.estimate_llc_series(_loss, checkpoints, data, group_size=1,
+                                   **KWARGS)
+    assert runs == []
 
 
 def _save_orbax(saver, cks, root):
@@ -202,12 +223,13 @@ def test_orbax_directory_that_does_not_match_like(tmp_path):
     cks = _checkpoints(2)
     paths = _save_orbax("standard", cks, tmp_path)
     wide = {"Dense_0": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}}
-    with pytest.raises(ValueError, match=r"step0.*does not match like=.*"
-                       r"Dense_0/bias has shape \(2,\) saved and \(3,\)"):
+    with pytest.raises(ValueError, match=(
+            r"step0.*does not match like=.*\['Dense_0'\]\['bias'\] has "
+            r"shape \(2,\) saved and \(3,\)")):
         so.estimate_llc_series(_loss, paths, data, like=wide, **KWARGS)
     more = {"Dense_0": cks[0]["Dense_0"], "Dense_1": {"kernel": jnp.ones(2)}}
-    with pytest.raises(ValueError,
-                       match="in like but not saved: Dense_1/kernel"):
+    with pytest.raises(ValueError, match=(
+            r"in like but not saved: \['Dense_1'\]\['kernel'\]")):
         so.estimate_llc_series(_loss, paths, data, like=more, **KWARGS)
 
 
@@ -395,3 +417,23 @@ def test_diagnostics_and_table():
         assert float(cells[6]) == pytest.approx(result.init_loss, rel=1e-3)
         assert int(cells[7]) == int(result.diverged.sum())
         assert cells[8] == ("pass" if result.trustworthy else "fail")
+
+
+def test_an_orbax_without_the_needed_parts_is_named(monkeypatch, tmp_path):
+    import orbax.checkpoint as ocp
+    (path,) = _save_orbax("standard", _checkpoints(1), tmp_path)
+    monkeypatch.delattr(ocp.tree, "to_flat_dict")
+    with pytest.raises(ImportError, match="needs a newer orbax-checkpoint"):
+        series_lib._load(path, None, None)
+
+
+def test_a_directory_holding_more_than_the_params_says_so(tmp_path):
+    import orbax.checkpoint as ocp
+    (ck,) = _checkpoints(1)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", {"params": ck,
+                                               "ema": jax.tree.map(
+                                                   lambda x: x * 0, ck)})
+    with pytest.raises(ValueError, match=r"saved but not in like: "
+                       r"\['ema'\].*must hold the params alone"):
+        series_lib._load(tmp_path / "state", {"params": ck}, None)

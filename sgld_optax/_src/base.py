@@ -205,6 +205,18 @@ def flatten_like(treedef, tree, name: str) -> list:
             f"{name} is {jax.tree_util.tree_structure(tree)}.") from err
 
 
+def leaf_name(path) -> str:
+    """A pytree leaf's path as errors name it: `['layer']['kernel']`."""
+    return jax.tree_util.keystr(tuple(path)) or "<root>"
+
+
+def listed(names, most: int = 10, sep: str = ", ") -> str:
+    """The first `most` of `names`, joined, and how many more there are."""
+    names = list(names)
+    more = len(names) - most
+    return sep.join(names[:most]) + (f" and {more} more" if more > 0 else "")
+
+
 def check_shapes_like(tree, params, name: str) -> list:
     """Checks that `tree` has the structure and leaf shapes of `params`.
 
@@ -220,7 +232,7 @@ def check_shapes_like(tree, params, name: str) -> list:
     for (path, p), m in zip(p_paths, leaves):
         shape = np.shape(m)
         if shape != np.shape(p):
-            problems.append(f"{jax.tree_util.keystr(path) or '<root>'}: {name} "
+            problems.append(f"{leaf_name(path)}: {name} "
                             f"shape {shape}, param shape {np.shape(p)}")
     if problems:
         raise ValueError(f"{name} shapes do not match params:\n  "
@@ -230,7 +242,7 @@ def check_shapes_like(tree, params, name: str) -> list:
 
 def check_floating(params, sampler: str):
     """Raises a TypeError naming every leaf of params that is not a float."""
-    bad = [f"{jax.tree_util.keystr(path) or '<root>'}: {jnp.result_type(x)}"
+    bad = [f"{leaf_name(path)}: {jnp.result_type(x)}"
            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
            if not jnp.issubdtype(jnp.result_type(x), jnp.floating)]
     if bad:

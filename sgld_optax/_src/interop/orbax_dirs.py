@@ -11,6 +11,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgld_optax._src import base
+
+
+def _name(key: tuple) -> str:
+    """An orbax flat key (a tuple of names) as `base.leaf_name` writes a
+    leaf's path."""
+    return "".join(f"[{k!r}]" for k in key) or "<root>"
+
+
+def _orbax():
+    """`orbax.checkpoint`, with the parts `restore` uses, or an ImportError
+    that says which version it needs."""
+    import orbax.checkpoint as ocp
+    try:
+        _ = (ocp.path.format_utils.is_pytree_checkpoint, ocp.tree.to_flat_dict,
+             ocp.metadata.ArrayMetadata, ocp.StandardCheckpointHandler,
+             ocp.args.StandardRestore)
+    except AttributeError as err:
+        version = getattr(ocp, "__version__", "of unknown version")
+        raise ImportError(
+            "reading orbax checkpoint directories needs a newer "
+            f"orbax-checkpoint (tested with 0.12.8; found {version}): "
+            f"{err}. pip install -U orbax-checkpoint") from err
+    return ocp
+
 
 def restore(path, like=None):
     """The params an orbax checkpoint directory holds, as jax arrays.
@@ -24,7 +49,7 @@ def restore(path, like=None):
     sharding, else the default device), not the saved shardings, which need
     not exist where the checkpoint is read.
     """
-    import orbax.checkpoint as ocp
+    ocp = _orbax()
     from etils import epath
 
     name = os.fspath(path)
@@ -54,11 +79,9 @@ def restore(path, like=None):
         device = jax.devices(device)[0]
     default = jax.sharding.SingleDeviceSharding(device)
 
-    def listed(keys, most=10):
-        names = ["/".join(k) for k in keys]
-        more = len(names) - most
-        return ", ".join(names[:most]) + (f" and {more} more" if more > 0
-                                          else "")
+    def listed(keys):
+        # orbax's flat keys are tuples of names: named as the params' leaves.
+        return base.listed(_name(k) for k in keys)
 
     handler = ocp.StandardCheckpointHandler()
     with ocp.Checkpointer(handler) as checkpointer:
@@ -90,11 +113,15 @@ def restore(path, like=None):
                 problems.append("in like but not saved: " + listed(missing))
             extra = [k for k in saved if k not in wanted]
             if extra:
-                problems.append("saved but not in like: " + listed(extra))
+                problems.append(
+                    "saved but not in like: " + listed(extra) + " (the "
+                    "directory must hold the params alone: save them on "
+                    "their own, or as their own CheckpointManager item, "
+                    "and pass that directory)")
             shapes = [k for k, x in wanted.items()
                       if k in saved and tuple(saved[k].shape) != np.shape(x)]
             problems += [
-                f"{'/'.join(k)} has shape {tuple(saved[k].shape)} saved and "
+                f"{_name(k)} has shape {tuple(saved[k].shape)} saved and "
                 f"{np.shape(wanted[k])} in like" for k in shapes[:10]]
             if len(shapes) > 10:
                 problems.append(f"and {len(shapes) - 10} more shapes differ")

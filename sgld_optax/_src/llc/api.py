@@ -293,6 +293,7 @@ def estimate_llc(
       Furman & Lau, "Estimating the local learning coefficient at scale",
       2024, arXiv:2402.03698.
     """
+    base.check_bool("mala", mala)  # _prepare also takes None, for sweeps
     run = _prepare(
         loss_fn, params, data, key=key, sampler=sampler,
         sampler_kwargs=sampler_kwargs, learning_rate=learning_rate,
@@ -343,7 +344,7 @@ def _prepare(loss_fn, params, data, *, key, sampler, sampler_kwargs,
     for name, flag in (("save_metrics", save_metrics), ("mala", mala),
                        ("progress", progress)):
         if name == "mala" and flag is None:
-            continue  # a sweep's default: record it where the sampler can
+            continue  # calibrate_llc's default: where the sampler is first-order
         if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {flag!r}.")
     leaves = jax.tree_util.tree_leaves(params)

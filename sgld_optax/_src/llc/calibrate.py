@@ -50,18 +50,18 @@ class CalibrationResult(NamedTuple):
       mcse: `(L, B, G)`, the Monte Carlo standard error of `llc_mean`.
       rhat: `(L, B, G)`, rank-normalised split $\hat R$.
       ess_bulk: `(L, B, G)`, bulk effective sample size.
-      ess_tail: `(L, B, G)`, tail effective sample size.
       mala_acceptance: `(L, B, G)`, the mean MALA acceptance (NaN unless
         recorded: first-order samplers only).
       num_failed: int `(L, B, G)`, chains that failed (non-finite loss or
         blow-up).
       llc_in_range: bool `(L, B, G)`, whether the estimate passed the
         range check (not clearly negative, not above $d/2$).
-      qualifies: bool `(L, B, G)`, whether the grid point qualifies for
-        the recommendation (see `calibrate_llc`).
       recommended: the recommended `(learning_rate, nbeta, localization)`,
         or `None` when no grid point qualifies; see `calibrate_llc`.
       reason: why that setting, or why none.
+      ess_tail: `(L, B, G)`, tail effective sample size.
+      qualifies: bool `(L, B, G)`, whether the grid point qualifies for
+        the recommendation (see `calibrate_llc`).
     """
 
     learning_rates: np.ndarray
@@ -73,13 +73,13 @@ class CalibrationResult(NamedTuple):
     mcse: np.ndarray
     rhat: np.ndarray
     ess_bulk: np.ndarray
-    ess_tail: np.ndarray
     mala_acceptance: np.ndarray
     num_failed: np.ndarray
     llc_in_range: np.ndarray
-    qualifies: np.ndarray
     recommended: Optional[tuple]
     reason: str
+    ess_tail: np.ndarray
+    qualifies: np.ndarray
 
     def table(self) -> str:
         """The grid as a text table, one row per grid point.
@@ -209,6 +209,7 @@ def calibrate_llc(
     num_steps_bw_draws: int = 1,
     batch_size: int = 32,
     mala: Optional[bool] = None,
+    target_nbeta: Optional[float] = None,
 ) -> CalibrationResult:
     r"""Estimates the LLC over a grid of step sizes, nbetas and localizations.
 
@@ -230,22 +231,28 @@ def calibrate_llc(
        negative, not above $d/2$), the chains mixed ($\hat R < 1.01$, bulk
        and tail ESS of at least 100 per chain) and, where recorded, the
        mean MALA acceptance is at least 0.5;
-    2. its estimate agrees with the estimate at the next smaller step size
+    2. its estimate is precise: its MCSE is at most 10% of it (an
+       imprecise estimate agrees with anything);
+    3. its estimate agrees with the estimate at the next smaller step size
        of the same nbeta and localization within $3\sqrt{s_1^2 + s_2^2}$
        plus 5% of the smaller-step estimate, $s$ being their MCSEs; that
-       neighbour must pass every check but the ESS ones (a smaller step
-       mixes more slowly).
+       neighbour must have no failed chain, an estimate in range and, where
+       recorded, MALA acceptance of at least 0.5 (not the mixing checks: a
+       smaller step mixes more slowly).
 
     A too-large step biases the estimate and a too-small one mixes slowly;
     the largest stable step mixes best at little bias. Among the
-    qualifying points the recommendation is the one with the nbeta closest
-    (in log) to `default_nbeta(batch_size)` (nbeta sets the temperature,
-    and so what is estimated, rather than how well it is sampled), then
-    the largest learning rate, then the smallest localization. The
-    smallest step size of a line has no smaller neighbour and never
-    qualifies. When no point qualifies, `reason` counts the points that
-    failed each check; short runs fail R-hat and ESS (raise `num_draws`,
-    or `num_burnin_steps`).
+    qualifying points the recommendation is one at the swept nbeta nearest
+    (in log) to `target_nbeta` that has any (nbeta sets the temperature,
+    and so what is estimated, rather than how well it is sampled): the
+    one with the largest learning rate there, then the smallest
+    localization. The smallest step size of a line has no smaller
+    neighbour and never qualifies, so a single learning rate gives no
+    recommendation. When no point qualifies, `reason` says which
+    conditions failed where: points with failed chains (lower the step
+    size, widen the grid towards smaller ones), points whose chains had
+    not mixed or whose MCSE is large (raise `num_draws` or
+    `num_burnin_steps`), and points without an agreeing smaller step.
 
     Args:
       loss_fn: `loss_fn(params, batch) -> scalar`, the mean loss over a
@@ -271,6 +278,9 @@ def calibrate_llc(
       mala: record the MALA acceptance; by default, when the sampler is
         first-order (its state is `so.sgld`'s or `so.rmsprop_sgld`'s,
         however the factory is wrapped).
+      target_nbeta: the nbeta the recommendation prefers (see above); by
+        default `default_nbeta(batch_size)`, devinterp's choice. Pass the
+        one the estimate is meant for, such as $n / \log n$.
 
     Returns:
       A `CalibrationResult`: arrays over the grid, each point's
@@ -305,6 +315,10 @@ def calibrate_llc(
             "same program.")
     batch_size = api._check_int("batch_size", batch_size, 1)
     default_nb = common_lib.default_nbeta(batch_size)
+    target_nb = default_nb
+    if target_nbeta is not None:
+        base.check_scalar("target_nbeta", target_nbeta, positive=True)
+        target_nb = float(target_nbeta)
     lrs = _grid(learning_rates, "learning_rates", np.logspace(-6, -2, 8))
     nbs = _grid(nbetas, "nbetas", default_nb * np.logspace(-2, 3, 8))
     locs = _grid(localizations, "localizations", (0.0,))
@@ -340,7 +354,7 @@ def calibrate_llc(
                 jax.tree.map(lambda x: x[g], out),
                 init_loss=run.init_loss, nbeta=float(grid[g, 1]),
                 num_params=run.num_params, spread=run.spread))
-    return _tabulate(results, shape, lrs, nbs, locs, default_nb)
+    return _tabulate(results, shape, lrs, nbs, locs, target_nb)
 
 
 def _run_grid(static, hyper, mask, params, data, key, chain_ids, reference):
@@ -362,27 +376,39 @@ def _passes(result: LLCResult, skip: tuple = ()) -> bool:
     return all(c.passed for c in result.checks if c.name not in skip)
 
 
-def _tabulate(results, shape, lrs, nbs, locs, default_nb) -> CalibrationResult:
+# The verdict's checks of how well the chains mixed, which a smaller step
+# size's neighbour need not pass.
+_MIXING = ("R-hat", "bulk ESS", "tail ESS")
+# The largest MCSE, relative to the estimate, of a recommended point.
+_PRECISION = 0.1
+
+
+def _tabulate(results, shape, lrs, nbs, locs, target_nb) -> CalibrationResult:
     """The grid's arrays, and the recommendation by the docstring's rule."""
     def grid_of(f, dtype=np.float64):
         return np.asarray([f(r) for r in results], dtype).reshape(shape)
+
+    def check(name):
+        return grid_of(lambda r: all(c.passed for c in r.checks
+                                     if c.name == name), bool)
 
     mala = grid_of(lambda r: np.nan if r.mala_acceptance_mean is None
                    else r.mala_acceptance_mean)
     num_failed = grid_of(lambda r: int(np.sum(r.diverged)), np.int64)
     llc_mean = grid_of(lambda r: r.llc_mean)
     mcse = grid_of(lambda r: r.mcse)
-    in_range = grid_of(lambda r: all(c.passed for c in r.checks
-                                     if c.name == "LLC range"), bool)
+    in_range = check("LLC range")
     healthy = (num_failed == 0) & np.isfinite(llc_mean)
-    sound = healthy & grid_of(_passes, bool)
-    neighbour_ok = healthy & grid_of(
-        lambda r: _passes(r, skip=("bulk ESS", "tail ESS")), bool)
+    precise = mcse <= _PRECISION * np.abs(llc_mean)
+    sound = healthy & grid_of(_passes, bool) & precise
+    neighbour_ok = healthy & grid_of(lambda r: _passes(r, skip=_MIXING), bool)
+    has_neighbour = np.zeros(shape, bool)
     stable = np.zeros(shape, bool)
     order = np.argsort(lrs)
     for a, b in zip(order[:-1], order[1:]):  # b: the next larger step size
         tol = (3 * np.sqrt(mcse[a] ** 2 + mcse[b] ** 2)
                + 0.05 * np.abs(llc_mean[a]))
+        has_neighbour[b] = neighbour_ok[a]
         stable[b] = neighbour_ok[a] & (np.abs(llc_mean[b] - llc_mean[a])
                                        <= tol)
     qualifies = sound & stable
@@ -390,28 +416,41 @@ def _tabulate(results, shape, lrs, nbs, locs, default_nb) -> CalibrationResult:
     if qualifies.any():
         cand = [(i, j, k) for (i, j, k) in zip(*np.nonzero(qualifies))]
         i, j, k = min(cand, key=lambda c: (
-            abs(math.log(nbs[c[1]] / default_nb)), -lrs[c[0]], locs[c[2]]))
+            abs(math.log(nbs[c[1]] / target_nb)), -lrs[c[0]], locs[c[2]]))
         recommended = (float(lrs[i]), float(nbs[j]), float(locs[k]))
         reason = (
             f"learning_rate={lrs[i]:.3g}, nbeta={nbs[j]:.4g}, "
-            f"localization={locs[k]:.3g}: at the nbeta nearest the default "
-            f"({default_nb:.4g}) with a qualifying point, the largest step "
+            f"localization={locs[k]:.3g}: at the nbeta nearest the target "
+            f"({target_nb:.4g}) with a qualifying point, the largest step "
             f"size whose estimate ({llc_mean[i, j, k]:.4g}) passes every "
             "check of the verdict and agrees with the next smaller step "
             "size's.")
+    elif len(lrs) < 2:
+        reason = ("none: with one learning rate no point has a smaller step "
+                  "size to agree with; sweep two or more.")
     else:
-        failed = {}
-        for r in results:
-            for c in r.checks:
-                failed[c.name] = failed.get(c.name, 0) + (not c.passed)
-        counts = [f"{n} failed {name}" for name, n in failed.items() if n]
-        counts.append(f"{int(np.sum(~stable))} disagreed with the next "
-                      "smaller step size (or had none to compare with)")
-        reason = (f"none: no grid point qualifies. Of the {llc_mean.size} "
-                  "points, " + "; ".join(counts) + ". Raise num_draws (or "
-                  "num_burnin_steps) where the chains had not mixed, and "
-                  "widen the grid towards smaller learning rates where they "
-                  "failed.")
+        # Diagnostics of failed chains are consequences of the failure:
+        # count the other checks only where no chain failed.
+        counts = [(np.sum(~healthy), "had failed chains (non-finite or "
+                   "blown-up losses: smaller learning rates)")]
+        for name in ("LLC range", "MALA acceptance") + _MIXING:
+            counts.append((np.sum(healthy & ~check(name)),
+                           f"failed the {name} check"))
+        counts.append((np.sum(healthy & grid_of(_passes, bool) & ~precise),
+                       "passed every check but had an MCSE above 10% of the "
+                       "estimate"))
+        counts.append((np.sum(sound & ~has_neighbour), "passed every check "
+                       "but had no smaller step size that did (bar mixing)"))
+        counts.append((np.sum(sound & has_neighbour & ~stable),
+                       "disagreed with the next smaller step size"))
+        size = llc_mean.size
+        reason = (f"none: no grid point qualifies. Of the {size} point"
+                  + ("s" if size != 1 else "") + ", "
+                  + "; ".join(f"{int(n)} {what}" for n, what in counts if n)
+                  + ". Raise num_draws (or num_burnin_steps) where the "
+                  "chains had not mixed (R-hat, ESS) or the MCSE is large, "
+                  "and widen the grid towards smaller learning rates where "
+                  "chains failed.")
     nested = tuple(tuple(tuple(results[np.ravel_multi_index((i, j, k), shape)]
                                for k in range(shape[2]))
                          for j in range(shape[1]))

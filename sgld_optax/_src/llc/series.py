@@ -134,17 +134,27 @@ class LLCSeriesResult(NamedTuple):
         return fig
 
 
+def _check_path(i: int, checkpoint, like) -> None:
+    """Checks, before anything is sampled, that checkpoint `i`, a path,
+    exists and, when a file, that `like` says what to load it into."""
+    name = f"checkpoints[{i}] ({os.fspath(checkpoint)!r})"
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"{name} does not exist.")
+    if not os.path.isdir(checkpoint) and like is None:
+        raise TypeError(
+            f"{name} is a file, and checkpoints given as files need like=: "
+            "a params pytree with the structure, shapes and dtypes to load "
+            "them into.")
+
+
 def _load(checkpoint, like, rules):
     """A checkpoint's params: a pytree as it is, a directory through
-    `orbax_dirs.restore`, a file through `torch_interop.params_from_torch`."""
+    `orbax_dirs.restore`, a file through `torch_interop.params_from_torch`
+    (paths checked by `_check_path` first)."""
     if isinstance(checkpoint, (str, os.PathLike)):
         if os.path.isdir(checkpoint):
             from sgld_optax._src.interop import orbax_dirs
             return orbax_dirs.restore(checkpoint, like)
-        if like is None:
-            raise TypeError(
-                "checkpoints given as files need like=: a params pytree "
-                "with the structure, shapes and dtypes to load them into.")
         from sgld_optax._src.interop import checkpoints
         return checkpoints.params_from_torch(checkpoint, like=like,
                                              rules=rules)
@@ -200,9 +210,10 @@ def estimate_llc_series(
       checkpoints: the checkpoints, each a params pytree, the path of a
         PyTorch (`.pt`, `.pth`, `.bin`) or `.safetensors` file, read with
         `torch_interop.params_from_torch(path, like=like, rules=rules)`, or
-        the path of an orbax checkpoint directory: what orbax's
-        `StandardCheckpointer` or `PyTreeCheckpointer` saves, or a
-        `CheckpointManager` step directory holding one item. A directory
+        the path of an orbax checkpoint directory holding the params
+        alone: what orbax's `StandardCheckpointer` or `PyTreeCheckpointer`
+        saves, or a `CheckpointManager` step directory holding one item
+        (of several, pass the item's directory). A directory
         is restored into `like`'s structure, shapes and dtypes when `like`
         is given (a saved tree that differs in structure or shapes is a
         `ValueError` naming the leaves), else as saved; onto the default
@@ -218,12 +229,12 @@ def estimate_llc_series(
       group_size: checkpoints sampled together (>= 1), with in-memory
         data. By default, as many as keep the chains' copies of the params,
         `num_chains * group_size` times the bytes of one checkpoint's
-        params, within 1 GiB: at least 1, at most
-        all of them. The estimate counts only those copies, not the
-        sampler's state (a momentum or preconditioner per chain), the
-        gradients or the loss's activations, which can take several times
-        more: with a large model, pass a smaller `group_size` (1 samples
-        one checkpoint at a time). Ignored with a loader.
+        params, within 1 GiB: at least 1, at most all of them. The
+        estimate counts only those copies, not the sampler's state (a
+        momentum or preconditioner per chain), the gradients or the loss's
+        activations, which can take several times more: with a large
+        model, pass a smaller `group_size` (1 samples one checkpoint at a
+        time). Ignored with a loader.
       key: as for `estimate_llc`; every checkpoint uses it.
       sampler: as for `estimate_llc`.
       sampler_kwargs: as for `estimate_llc`.
@@ -282,6 +293,7 @@ def estimate_llc_series(
     if steps.shape != (count,):
         raise ValueError(f"steps must give one step per checkpoint ({count}),"
                          f" got shape {steps.shape}.")
+    base.check_bool("mala", mala)
     if group_size is not None:
         group_size = api._check_int("group_size", group_size, 1)
     num_chains = api._check_int("num_chains", num_chains, 1)
@@ -357,14 +369,18 @@ def _run_group(loss_fn, source, indices, size, data,
 class _Checkpoints:
     """The checkpoints' params, loaded when asked for.
 
-    The first checkpoint is loaded at once: it defines the structure,
-    shapes and dtypes, against which every other one is checked, pytrees
-    at once and files and directories when they are loaded. The first's
-    params are kept only until they are asked for.
+    Every path is checked at once (it exists; a file has `like`). The
+    first checkpoint is loaded at once: it defines the structure, shapes
+    and dtypes, against which every other one is checked, pytrees at once
+    and files and directories when they are loaded. The first's params are
+    kept only until they are asked for.
     """
 
     def __init__(self, checkpoints, like, rules):
         self.checkpoints, self.like, self.rules = checkpoints, like, rules
+        for i, checkpoint in enumerate(checkpoints):
+            if _is_path(checkpoint):
+                _check_path(i, checkpoint, like)
         self._first = self._load(0)
         self.spec = _spec(self._first)
         self.nbytes = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize
@@ -421,14 +437,8 @@ def _leaf_spec(x) -> jax.ShapeDtypeStruct:
 def _spec(params):
     """`(treedef, [(path, ShapeDtypeStruct), ...])` of a params pytree."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    return treedef, [(jax.tree_util.keystr(path) or "<root>", _leaf_spec(x))
+    return treedef, [(base.leaf_name(path), _leaf_spec(x))
                      for path, x in leaves]
-
-
-def _listed(names, most=5, sep=", ") -> str:
-    more = len(names) - most
-    return sep.join(names[:most]) + (f" and {more} more" if more > 0
-                                     else "")
 
 
 def _difference(spec, first, i) -> str:
@@ -442,9 +452,9 @@ def _difference(spec, first, i) -> str:
         only0 = [p for p in paths0 if p not in set(paths)]
         parts = []
         if only:
-            parts.append(f"leaves only in checkpoints[{i}]: {_listed(only)}")
+            parts.append(f"leaves only in checkpoints[{i}]: {base.listed(only, most=5)}")
         if only0:
-            parts.append(f"leaves only in checkpoints[0]: {_listed(only0)}")
+            parts.append(f"leaves only in checkpoints[0]: {base.listed(only0, most=5)}")
         if not parts:
             parts.append(f"the same leaves in other containers: {treedef} "
                          f"and {treedef0}")
@@ -454,7 +464,7 @@ def _difference(spec, first, i) -> str:
            for (path, s), (_, s0) in zip(leaves, leaves0)
            if s.shape != s0.shape or s.dtype != s0.dtype]
     if bad:
-        return "shapes or dtypes (" + _listed(bad, most=3, sep="; ") + ")"
+        return "shapes or dtypes (" + base.listed(bad, most=3, sep="; ") + ")"
     return ""
 
 
