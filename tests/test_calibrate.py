@@ -136,7 +136,7 @@ def test_recommendation_rule():
     rows[1, 0] = _fake(1.01, in_range=False)
     cal = recommend()
     assert cal.recommended is None
-    assert "3 passed every check but had no smaller step size" in cal.reason
+    assert "3 passed, but the next smaller step size was missing" in cal.reason
     rows[1, 0] = _fake(1.01, rhat_ok=False)
     assert recommend().recommended == (1e-3, 5.0, 1.0)
     rows[1, 0] = _fake(1.01)

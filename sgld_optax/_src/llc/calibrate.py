@@ -437,10 +437,11 @@ def _tabulate(results, shape, lrs, nbs, locs, target_nb) -> CalibrationResult:
             counts.append((np.sum(healthy & ~check(name)),
                            f"failed the {name} check"))
         counts.append((np.sum(healthy & grid_of(_passes, bool) & ~precise),
-                       "passed every check but had an MCSE above 10% of the "
-                       "estimate"))
-        counts.append((np.sum(sound & ~has_neighbour), "passed every check "
-                       "but had no smaller step size that did (bar mixing)"))
+                       f"passed, but had an MCSE above {_PRECISION:.0%} of "
+                       "the estimate"))
+        counts.append((np.sum(sound & ~has_neighbour), "passed, but the "
+                       "next smaller step size was missing, had failed "
+                       "chains or failed a check other than mixing"))
         counts.append((np.sum(sound & has_neighbour & ~stable),
                        "disagreed with the next smaller step size"))
         size = llc_mean.size
