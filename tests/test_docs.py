@@ -750,15 +750,7 @@ def test_torch_interop_page_examples_run(tmp_path, monkeypatch):
 
     # Weights: `torch_model`, the PyTorch twin of the page's Flax MLP, whose
     # state dict is "model.pt".
-    class TorchMLP(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = torch.nn.Linear(5, 16)
-            self.norm = torch.nn.LayerNorm(16)
-            self.fc2 = torch.nn.Linear(16, 3)
-
-        def forward(self, x):
-            return self.fc2(torch.nn.functional.gelu(self.norm(self.fc1(x))))
+    from test_torch_interop import TorchMLP
 
     torch.manual_seed(0)
     torch_model = TorchMLP()
