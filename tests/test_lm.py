@@ -42,14 +42,8 @@ CONFIG = gpt2.GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_head=4,
 def randomized_gpt2(seed=0, std=0.2):
     """An HF GPT-2 with weights of order one, so that the logits are far
     from uniform and a wrong token or shift changes the loss."""
-    model = gpt2.torch_model(CONFIG, seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen) * std
-            p.copy_(noise + 1.0 if p.ndim == 1 and name.endswith("weight")
-                    else noise)
-    return model
+    from test_interop_rules import randomize
+    return randomize(gpt2.torch_model(CONFIG, seed), std=std, seed=seed)
 
 
 # ---------------------------------------------------------------------------

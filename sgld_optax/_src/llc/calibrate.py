@@ -400,7 +400,8 @@ def _tabulate(results, shape, lrs, nbs, locs, target_nb) -> CalibrationResult:
     in_range = check("LLC range")
     healthy = (num_failed == 0) & np.isfinite(llc_mean)
     precise = mcse <= _PRECISION * np.abs(llc_mean)
-    sound = healthy & grid_of(_passes, bool) & precise
+    verdict = grid_of(_passes, bool)
+    sound = healthy & verdict & precise
     neighbour_ok = healthy & grid_of(lambda r: _passes(r, skip=_MIXING), bool)
     has_neighbour = np.zeros(shape, bool)
     stable = np.zeros(shape, bool)
@@ -436,7 +437,7 @@ def _tabulate(results, shape, lrs, nbs, locs, target_nb) -> CalibrationResult:
         for name in ("LLC range", "MALA acceptance") + _MIXING:
             counts.append((np.sum(healthy & ~check(name)),
                            f"failed the {name} check"))
-        counts.append((np.sum(healthy & grid_of(_passes, bool) & ~precise),
+        counts.append((np.sum(healthy & verdict & ~precise),
                        f"passed, but had an MCSE above {_PRECISION:.0%} of "
                        "the estimate"))
         counts.append((np.sum(sound & ~has_neighbour), "passed, but the "

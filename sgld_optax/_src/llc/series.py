@@ -448,13 +448,16 @@ def _difference(spec, first, i) -> str:
     if treedef != treedef0:
         paths = [p for p, _ in leaves]
         paths0 = [p for p, _ in leaves0]
-        only = [p for p in paths if p not in set(paths0)]
-        only0 = [p for p in paths0 if p not in set(paths)]
+        known, known0 = set(paths), set(paths0)
+        only = [p for p in paths if p not in known0]
+        only0 = [p for p in paths0 if p not in known]
         parts = []
         if only:
-            parts.append(f"leaves only in checkpoints[{i}]: {base.listed(only, most=5)}")
+            parts.append(f"leaves only in checkpoints[{i}]: "
+                         + base.listed(only, most=5))
         if only0:
-            parts.append(f"leaves only in checkpoints[0]: {base.listed(only0, most=5)}")
+            parts.append("leaves only in checkpoints[0]: "
+                         + base.listed(only0, most=5))
         if not parts:
             parts.append(f"the same leaves in other containers: {treedef} "
                          f"and {treedef0}")
